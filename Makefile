@@ -1,0 +1,46 @@
+# sriov-hook: everything a fresh Debian 12 machine needs, from the project's own files.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEB_PKGS := runc busybox-static podman iproute2 util-linux python3-venv
+STAMP_DEB := $(VENV)/.deb-stamp
+STAMP_PIP := $(VENV)/.pip-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all venv deps test test-fast demo clean
+
+all: test
+
+# Debian packages: runc and busybox for containers, podman for the hooks.d
+# test, iproute2 for the simulated host. Installed only if missing.
+$(STAMP_DEB):
+	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP_PIP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+deps: $(STAMP_DEB) $(STAMP_PIP)
+venv: $(STAMP_PIP)
+
+test: deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: deps
+	$(BIN)/python -m pytest -q -m "not slow and not runc and not podman" $(PYTEST_ARGS)
+
+demo: deps
+	$(BIN)/python demo/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

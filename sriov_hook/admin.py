@@ -1,0 +1,106 @@
+"""Operator commands: status and gc."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List
+
+from . import netns as nsmod
+from . import owners
+from .context import Ctx
+from .errors import HookError, SysfsError
+from .hook import release
+
+STALE_TMP_SECONDS = 60.0
+
+
+def status(ctx: Ctx) -> Dict[str, Any]:
+    rows: List[Dict[str, Any]] = []
+    seen = set()
+    for pool in ctx.cfg.pools.values():
+        try:
+            cands = list(ctx.inventory.candidates(pool))
+        except SysfsError as err:
+            rows.append({"pool": pool.name, "error": str(err)})
+            continue
+        for cand in cands:
+            if cand.bdf in seen:
+                continue
+            seen.add(cand.bdf)
+            try:
+                res = ctx.store.read(cand.bdf)
+                state = "reserved" if res is not None else "free"
+            except HookError:
+                res, state = None, "corrupt"
+            rows.append({
+                "pci": cand.bdf, "pf": cand.pf_ifname or cand.pf_bdf,
+                "vf_index": cand.index, "pool": pool.name, "mode": pool.mode,
+                "netdev": ctx.sysfs.netdev(cand.bdf) or (res.host_ifname if res else None),
+                "driver": ctx.sysfs.driver(cand.bdf), "state": state,
+                "owner": res.owner if res else None,
+                "interface": res.ifname if res else None,
+            })
+    return {"vfs": rows}
+
+
+def format_status(data: Dict[str, Any]) -> str:
+    cols = ("pci", "pf", "vf_index", "pool", "mode", "netdev", "driver", "state", "owner")
+    table = [list(cols)]
+    errors = []
+    for row in data["vfs"]:
+        if "error" in row:
+            errors.append(f"pool {row['pool']}: {row['error']}")
+            continue
+        owner = row["owner"]
+        table.append([str(row[c]) if row[c] is not None else "-" for c in cols[:-1]] +
+                     [(owner[:12] + f" ({row['interface']})") if owner else "-"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
+    free = sum(1 for r in data["vfs"] if r.get("state") == "free")
+    lines.append(f"{free} free of {len(table) - 1} VFs")
+    return "\n".join(lines + errors)
+
+
+def gc(ctx: Ctx) -> Dict[str, int]:
+    """Release records whose owner is gone; drop orphan pins and temp files."""
+    stats = {"checked": 0, "released": 0, "failed": 0, "pins_removed": 0, "tmp_removed": 0}
+    live_bdfs = set()
+    for bdf, res, err in list(ctx.store.all()):
+        stats["checked"] += 1
+        live_bdfs.add(bdf)
+        if res is None:
+            ctx.log.warning(f"gc: {err}; leaving it for an operator")
+            continue
+        if owners.owner_alive(res):
+            continue
+        ctx.log.info(f"gc: owner {res.owner} of {bdf} is gone; releasing")
+        try:
+            release(ctx, res, reason="gc")
+            stats["released"] += 1
+            live_bdfs.discard(bdf)
+        except HookError as e:
+            ctx.log.error(f"gc: cannot release {bdf}: {e}")
+            stats["failed"] += 1
+    for name in _listdir(ctx.store.pin_dir):
+        if name not in live_bdfs:
+            path = os.path.join(ctx.store.pin_dir, name)
+            nsmod.unpin(path)
+            stats["pins_removed"] += 1
+    now = time.time()
+    for name in _listdir(ctx.store.rec_dir):
+        path = os.path.join(ctx.store.rec_dir, name)
+        if name.endswith(".tmp"):
+            try:
+                if now - os.stat(path).st_mtime > STALE_TMP_SECONDS:
+                    os.unlink(path)
+                    stats["tmp_removed"] += 1
+            except FileNotFoundError:
+                pass
+    return stats
+
+
+def _listdir(path: str) -> List[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []

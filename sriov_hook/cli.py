@@ -1,0 +1,134 @@
+"""Command line: ``sriov-hook [--config PATH] COMMAND``.
+
+Stages (prestart, createRuntime, poststop) read the OCI state on stdin and
+take the stage from argv, never from the state's ``status``. Every failure
+ends in one ``sriov-hook: ...`` line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from typing import List, Optional
+
+from .errors import HookError, UsageError
+
+STAGES = {"prestart": "prestart", "createRuntime": "prestart", "poststop": "poststop"}
+COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "version")
+USAGE = """usage: sriov-hook [--config PATH] COMMAND
+
+commands:
+  prestart | createRuntime   reserve and attach VFs (OCI state JSON on stdin)
+  poststop                   detach and release them (OCI state JSON on stdin)
+  status [--json]            every VF the config covers, free or reserved
+  gc                         release reservations whose owner is gone
+  version                    print the version
+
+config: --config PATH, else $SRIOV_HOOK_CONFIG, else /etc/sriov-hook/config.yaml"""
+
+
+class _Terminated(HookError):
+    pass
+
+
+def _on_term(signum: int, _frame: object) -> None:
+    # Turn SIGTERM/SIGINT into an exception so rollback runs. (SIGKILL can't
+    # be caught; the record on disk lets poststop or gc finish the job.)
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+def _parse(argv: List[str]) -> "tuple[Optional[str], str, List[str]]":
+    config: Optional[str] = None
+    rest: List[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-c", "--config"):
+            if i + 1 >= len(argv):
+                raise UsageError("--config needs a path")
+            config = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        else:
+            rest.append(arg)
+        i += 1
+    if not rest:
+        raise UsageError("no command given (try --help)")
+    cmd, opts = rest[0], rest[1:]
+    if cmd not in COMMANDS:
+        raise UsageError(f"unknown command {cmd!r} (one of {', '.join(COMMANDS)})")
+    allowed = {"status": {"--json"}}.get(cmd, set())
+    bad = [o for o in opts if o not in allowed]
+    if bad:
+        raise UsageError(f"{cmd}: unexpected argument {bad[0]!r}")
+    return config, cmd, opts
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    log = None
+    try:
+        config_path, cmd, opts = _parse(argv)
+        if cmd == "version":
+            from . import __version__
+            print(__version__)
+            return 0
+        signal.signal(signal.SIGTERM, _on_term)
+        signal.signal(signal.SIGINT, _on_term)
+        from . import config as cfgmod
+        from .context import Ctx
+        from .log import StepLog
+        cfg = cfgmod.load(config_path)
+        log = StepLog(cfg.log_file, cfg.log_level, stage=STAGES.get(cmd, cmd))
+        ctx = Ctx(cfg, log)
+        try:
+            return _run(ctx, cmd, opts)
+        finally:
+            ctx.close()
+    except HookError as err:
+        if log is not None:
+            log.error(f"failed: {err}")
+        print(f"sriov-hook: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception as err:  # a bug: full trace to the log, one line to the user
+        if log is not None:
+            log.error("internal error: " + traceback.format_exc().replace("\n", " | "))
+        print(f"sriov-hook: internal error: {type(err).__name__}: {err}"
+              + (" (traceback in the log file)" if log is not None else ""), file=sys.stderr)
+        return 70
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
+    from .context import Ctx
+    assert isinstance(ctx, Ctx)
+    if cmd in STAGES:
+        from . import hook, oci
+        state = oci.parse_state(sys.stdin.buffer.read())
+        ctx.log.bind(state.id)
+        ctx.log.info(f"{cmd}: bundle={state.bundle} pid={state.pid} status={state.status!r}")
+        if STAGES[cmd] == "prestart":
+            container = oci.load_container(state)
+            hook.prestart(ctx, container)
+        else:
+            hook.poststop(ctx, state)
+        ctx.log.info(f"{cmd}: done")
+        return 0
+    from . import admin
+    if cmd == "status":
+        data = admin.status(ctx)
+        print(json.dumps(data, indent=2) if "--json" in opts else admin.format_status(data))
+        return 0
+    if cmd == "gc":
+        stats = admin.gc(ctx)
+        print(" ".join(f"{k}={v}" for k, v in stats.items()))
+        return 1 if stats["failed"] else 0
+    raise UsageError(f"unknown command {cmd}")

@@ -1,0 +1,242 @@
+"""The YAML config: where sysfs and state live, and the VF pools.
+
+Errors name the file and the key, e.g.
+``config /etc/sriov-hook/config.yaml: pools[0].mode: 'x' is not one of ...``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+from .errors import ConfigError
+from .pci import PfSelector, parse_selector
+
+DEFAULT_PATH = "/etc/sriov-hook/config.yaml"
+MODES = ("netdev", "vfio", "kata", "dpdk")
+LINK_STATES = ("auto", "enable", "disable")
+# Fields a container may override, if the pool's ``allow`` lists them.
+OVERRIDABLE = ("mac", "vlan", "qos", "mtu", "spoofchk", "trust", "rate", "link_state")
+DEFAULT_ALLOW = ("mac", "mtu")
+_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TOP_KEYS = {"sysfs_root", "state_dir", "log_file", "log_level", "lock_timeout",
+             "device_timeout", "pools"}
+_POOL_KEYS = {"name", "pfs", "mode", "vlan", "qos", "mtu", "spoofchk", "trust",
+              "min_tx_rate", "max_tx_rate", "link_state", "allow", "vlans",
+              "max_per_container"}
+
+
+@dataclass(frozen=True)
+class VfSettings:
+    """PF-side settings for one VF; None means 'leave as it is'."""
+
+    mac: Optional[str] = None
+    vlan: Optional[int] = None
+    qos: Optional[int] = None
+    spoofchk: Optional[bool] = None
+    trust: Optional[bool] = None
+    min_tx_rate: Optional[int] = None
+    max_tx_rate: Optional[int] = None
+    link_state: Optional[str] = None
+
+    def requested(self) -> List[str]:
+        return [k for k, v in self.__dict__.items() if v is not None]
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    mode: str
+    pfs: Tuple[PfSelector, ...]
+    defaults: VfSettings = VfSettings()
+    mtu: Optional[int] = None
+    allow: FrozenSet[str] = frozenset(DEFAULT_ALLOW)
+    vlans: Optional[Tuple[Tuple[int, int], ...]] = None  # None = any, if vlan allowed
+    max_per_container: int = 4
+
+    def vlan_allowed(self, vlan: int) -> bool:
+        return self.vlans is None or any(lo <= vlan <= hi for lo, hi in self.vlans)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    sysfs_root: str = "/sys"
+    state_dir: str = "/var/lib/sriov-hook"
+    log_file: Optional[str] = None
+    log_level: str = "info"
+    lock_timeout: float = 10.0
+    device_timeout: float = 5.0
+    pools: Dict[str, Pool] = field(default_factory=dict)
+
+    def pool(self, name: str) -> Pool:
+        from .errors import UnknownPool
+        try:
+            return self.pools[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pools)) or "none"
+            raise UnknownPool(f"unknown pool {name!r} (configured: {known})") from None
+
+
+def resolve_path(cli_path: Optional[str]) -> str:
+    return cli_path or os.environ.get("SRIOV_HOOK_CONFIG") or DEFAULT_PATH
+
+
+def load(cli_path: Optional[str] = None) -> Config:
+    path = resolve_path(cli_path)
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read()
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot read: {err.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: bytes, path: str = "<config>") -> Config:
+    import yaml  # lazily: only stages that read the config pay for it
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        raw = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config {path}:{where}: {problem}") from None
+    return _build(raw, path)
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"config {self.path}: {key}: {msg}")
+
+
+def _build(raw: Any, path: str) -> Config:
+    c = _Ctx(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise c.fail(sorted(map(str, unknown))[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    kw: Dict[str, Any] = {"path": path}
+    for key in ("sysfs_root", "state_dir", "log_file"):
+        if key in raw and raw[key] is not None:
+            val = raw[key]
+            if not isinstance(val, str) or not os.path.isabs(val):
+                raise c.fail(key, "must be an absolute path")
+            kw[key] = os.path.normpath(val)
+    if "log_level" in raw:
+        if raw["log_level"] not in ("debug", "info", "warning", "error"):
+            raise c.fail("log_level", "must be one of debug, info, warning, error")
+        kw["log_level"] = raw["log_level"]
+    for key in ("lock_timeout", "device_timeout"):
+        if key in raw:
+            val = raw[key]
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val <= 300:
+                raise c.fail(key, "must be a number of seconds in (0, 300]")
+            kw[key] = float(val)
+    pools_raw = raw.get("pools")
+    if not isinstance(pools_raw, list) or not pools_raw:
+        raise c.fail("pools", "must be a non-empty list")
+    pools: Dict[str, Pool] = {}
+    for i, p in enumerate(pools_raw):
+        pool = _pool(c, f"pools[{i}]", p)
+        if pool.name in pools:
+            raise c.fail(f"pools[{i}].name", f"duplicate pool name {pool.name!r}")
+        pools[pool.name] = pool
+    _check_overlaps(c, pools)
+    kw["pools"] = pools
+    return Config(**kw)
+
+
+def _int_in(c: _Ctx, key: str, val: Any, lo: int, hi: int) -> int:
+    if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
+        raise c.fail(key, f"must be an integer in {lo}..{hi}")
+    return val
+
+
+def _bool(c: _Ctx, key: str, val: Any) -> bool:
+    if not isinstance(val, bool):
+        raise c.fail(key, "must be true or false")
+    return val
+
+
+def _pool(c: _Ctx, key: str, p: Any) -> Pool:
+    if not isinstance(p, dict):
+        raise c.fail(key, "must be a mapping")
+    unknown = set(p) - _POOL_KEYS
+    if unknown:
+        raise c.fail(f"{key}.{sorted(map(str, unknown))[0]}", "unknown key")
+    name = p.get("name")
+    if not isinstance(name, str) or not _POOL_NAME.match(name):
+        raise c.fail(f"{key}.name", "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+    mode = p.get("mode", "netdev")
+    if mode not in MODES:
+        raise c.fail(f"{key}.mode", f"{mode!r} is not one of {', '.join(MODES)}")
+    pfs_raw = p.get("pfs")
+    if not isinstance(pfs_raw, list) or not pfs_raw:
+        raise c.fail(f"{key}.pfs", "must be a non-empty list")
+    pfs = []
+    for j, s in enumerate(pfs_raw):
+        try:
+            pfs.append(parse_selector(s))
+        except ValueError as err:
+            raise c.fail(f"{key}.pfs[{j}]", str(err)) from None
+    d: Dict[str, Any] = {}
+    if "vlan" in p:
+        d["vlan"] = _int_in(c, f"{key}.vlan", p["vlan"], 0, 4094)
+    if "qos" in p:
+        d["qos"] = _int_in(c, f"{key}.qos", p["qos"], 0, 7)
+    for k in ("spoofchk", "trust"):
+        if k in p:
+            d[k] = _bool(c, f"{key}.{k}", p[k])
+    for k in ("min_tx_rate", "max_tx_rate"):
+        if k in p:
+            d[k] = _int_in(c, f"{key}.{k}", p[k], 0, 10_000_000)
+    if "link_state" in p:
+        if p["link_state"] not in LINK_STATES:
+            raise c.fail(f"{key}.link_state", f"must be one of {', '.join(LINK_STATES)}")
+        d["link_state"] = p["link_state"]
+    mtu = _int_in(c, f"{key}.mtu", p["mtu"], 68, 65535) if "mtu" in p else None
+    allow = p.get("allow", list(DEFAULT_ALLOW))
+    if not isinstance(allow, list) or any(a not in OVERRIDABLE for a in allow):
+        raise c.fail(f"{key}.allow", f"must be a list drawn from {', '.join(OVERRIDABLE)}")
+    vlans = None
+    if "vlans" in p:
+        vlans = _vlan_ranges(c, f"{key}.vlans", p["vlans"])
+    maxn = _int_in(c, f"{key}.max_per_container", p["max_per_container"], 1, 64) \
+        if "max_per_container" in p else 4
+    return Pool(name=name, mode=mode, pfs=tuple(pfs), defaults=VfSettings(**d), mtu=mtu,
+                allow=frozenset(allow), vlans=vlans, max_per_container=maxn)
+
+
+def _vlan_ranges(c: _Ctx, key: str, val: Any) -> Tuple[Tuple[int, int], ...]:
+    if not isinstance(val, list):
+        raise c.fail(key, "must be a list of VLAN ids or 'lo-hi' ranges")
+    out = []
+    for item in val:
+        if isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\d{1,4}-\d{1,4}", item):
+            lo, hi = (int(x) for x in item.split("-"))
+        else:
+            raise c.fail(key, f"bad entry {item!r}")
+        if not 0 <= lo <= hi <= 4094:
+            raise c.fail(key, f"bad range {item!r} (0..4094)")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _check_overlaps(c: _Ctx, pools: Dict[str, Pool]) -> None:
+    """Two pools may not claim the same whole PF: a VF would have two modes."""
+    owner: Dict[str, str] = {}
+    for pool in pools.values():
+        for sel in pool.pfs:
+            if sel.ranges is None:
+                if sel.pf in owner and owner[sel.pf] != pool.name:
+                    raise c.fail(f"pools.{pool.name}.pfs",
+                                 f"PF {sel.pf} is already used whole by pool {owner[sel.pf]}")
+                owner[sel.pf] = pool.name

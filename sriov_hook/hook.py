@@ -1,0 +1,161 @@
+"""The stages: prestart/createRuntime (reserve + attach) and poststop (detach + release)."""
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional
+
+from . import modes, owners
+from . import netns as nsmod
+from .config import Pool
+from .context import Ctx
+from .errors import HookError, LockTimeout, PoolExhausted, ReservationError, StateError
+from .inventory import Candidate
+from .oci import Container, State
+from .request import ANNOTATION, NetworkRequest, apply_policy, parse
+from .reservations import Reservation
+
+_RETRY_SLEEP = 0.01
+
+
+def prestart(ctx: Ctx, container: Container) -> List[Reservation]:
+    value = container.annotations.get(ANNOTATION)
+    if value is None:
+        ctx.log.info(f"no {ANNOTATION} annotation: nothing to do")
+        return []
+    reqs = apply_policy(ctx.cfg, parse(value))
+    ctx.log.info(f"request: {[r.to_json() for r in reqs]}")
+    held = ctx.store.by_owner(container.id)
+    if held:
+        raise ReservationError(f"container {container.id} already holds VF "
+                               f"{held[0].bdf}; run poststop for it first")
+    netns_path, netns_fd = _open_container_netns(ctx, container, reqs)
+    done: List[Reservation] = []
+    try:
+        for req in reqs:
+            pool = ctx.cfg.pool(req.pool)
+            mode = modes.get(pool.mode)
+            res = reserve(ctx, pool, req, container, netns_path, netns_fd)
+            done.append(res)
+            ctx.log.info(f"reserved {res.bdf} (PF {res.pf_ifname or res.pf_bdf} VF {res.vf_index}) "
+                         f"from pool {pool.name} for {res.ifname}")
+            mode.attach(ctx, res, req, netns_fd)
+            ctx.log.info(f"attached {res.bdf} as {res.ifname} ({pool.mode} mode)")
+    except BaseException as err:
+        ctx.log.error(f"prestart failed: {err}; rolling back {len(done)} VF(s)")
+        for res in reversed(done):
+            release(ctx, res, reason="rollback")
+        raise
+    finally:
+        if netns_fd is not None:
+            os.close(netns_fd)
+    return done
+
+
+def _open_container_netns(ctx: Ctx, container: Container,
+                          reqs: List[NetworkRequest]) -> "tuple[Optional[str], Optional[int]]":
+    if not any(modes.get(ctx.cfg.pool(r.pool).mode).needs_netns for r in reqs):
+        return None, None
+    path = container.netns_path()
+    fd = nsmod.open_netns(path)
+    if nsmod.identity(fd) == nsmod.identity("/proc/self/ns/net"):
+        os.close(fd)
+        raise StateError(f"network namespace {path} is the host's own; refusing to move a VF there")
+    return path, fd
+
+
+def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
+            netns_path: Optional[str], netns_fd: Optional[int]) -> Reservation:
+    """Pick the first free usable VF of ``pool`` and write its record.
+
+    The per-VF lock is held only for check-record-write; VFs another hook
+    holds right now are skipped and retried until the lock timeout.
+    """
+    mode = modes.get(pool.mode)
+    deadline = time.monotonic() + ctx.cfg.lock_timeout
+    while True:
+        busy, seen, skipped = 0, 0, []
+        for cand in ctx.inventory.candidates(pool):
+            seen += 1
+            if ctx.store.is_reserved(cand.bdf):
+                continue
+            fd = ctx.store.try_lock(cand.bdf)
+            if fd is None:
+                busy += 1
+                continue
+            try:
+                if ctx.store.is_reserved(cand.bdf):  # lost the race before our lock
+                    continue
+                res = _new_record(ctx, pool, req, container, cand, netns_path, netns_fd)
+                why = mode.prepare(ctx, cand, res, req)
+                if why is not None:
+                    skipped.append(f"{cand.bdf}: {why}")
+                    ctx.log.info(f"skipping {cand.bdf}: {why}")
+                    continue
+                ctx.store.write(res)
+                return res
+            finally:
+                ctx.store.unlock(fd)
+        if busy == 0:
+            detail = f"; unusable: {skipped[0]}" if skipped else ""
+            raise PoolExhausted(f"pool {pool.name} is exhausted: no free VF among {seen}{detail}")
+        if time.monotonic() >= deadline:
+            raise LockTimeout(f"pool {pool.name}: {busy} VF(s) stayed locked by other hooks "
+                              f"for {ctx.cfg.lock_timeout:g}s")
+        time.sleep(_RETRY_SLEEP)
+
+
+def _new_record(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
+                cand: Candidate, netns_path: Optional[str],
+                netns_fd: Optional[int]) -> Reservation:
+    pid = container.state.pid
+    return Reservation(
+        bdf=cand.bdf, pool=pool.name, mode=pool.mode, owner=container.id,
+        pf_bdf=cand.pf_bdf, pf_ifname=cand.pf_ifname, vf_index=cand.index,
+        ifname=req.interface, netns=netns_path,
+        netns_id=nsmod.identity(netns_fd) if netns_fd is not None else None,
+        pin=ctx.store.pin_path(cand.bdf) if netns_path else None,
+        pid=pid, pid_start=owners.start_time(pid) if pid else None,
+        request=req.to_json(), created=time.time())
+
+
+def release(ctx: Ctx, res: Reservation, reason: str) -> bool:
+    """Detach and delete one reservation under its VF lock.
+
+    Returns True when released. Failures are logged and re-raised only for
+    poststop/gc callers via ``strict``; rollback must never mask the error
+    that caused it.
+    """
+    try:
+        with ctx.store.lock(res.bdf, ctx.cfg.lock_timeout):
+            current = ctx.store.read(res.bdf)
+            if current is None or current.owner != res.owner:
+                ctx.log.info(f"{res.bdf} already released")
+                return True
+            modes.get(current.mode).detach(ctx, current)
+            ctx.store.delete(res.bdf)
+            ctx.log.info(f"released {res.bdf} ({reason})")
+            return True
+    except HookError as err:
+        ctx.log.error(f"release of {res.bdf} ({reason}) failed: {err}")
+        if reason == "rollback":
+            return False
+        raise
+
+
+def poststop(ctx: Ctx, state: State) -> int:
+    """Release every VF the container (or sandbox) holds. Idempotent."""
+    held = ctx.store.by_owner(state.id)
+    if not held:
+        ctx.log.info("no reservation for this container: nothing to do")
+        return 0
+    errors: List[HookError] = []
+    for res in held:
+        try:
+            release(ctx, res, reason="poststop")
+        except HookError as err:
+            errors.append(err)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise type(errors[0])(f"{errors[0]}{more}")
+    return len(held)

@@ -1,0 +1,32 @@
+"""The interface every mode handler implements."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..context import Ctx
+    from ..inventory import Candidate
+    from ..request import NetworkRequest
+    from ..reservations import Reservation
+
+
+class Mode(ABC):
+    name: str = ""
+    needs_netns: bool = True
+
+    @abstractmethod
+    def prepare(self, ctx: "Ctx", cand: "Candidate", res: "Reservation",
+                req: "NetworkRequest") -> Optional[str]:
+        """Under the VF lock, before the record is written: check the VF is
+        usable and record its original state into ``res``. Returns a reason
+        to skip this VF, or None. Must not change anything."""
+
+    @abstractmethod
+    def attach(self, ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
+               netns_fd: Optional[int]) -> None:
+        """Hand the VF to the container."""
+
+    @abstractmethod
+    def detach(self, ctx: "Ctx", res: "Reservation") -> None:
+        """Put everything back as recorded. Idempotent; also the rollback."""

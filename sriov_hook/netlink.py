@@ -1,0 +1,267 @@
+"""The only module that talks to pyroute2.
+
+One thin, typed wrapper: ``Netlink`` is an rtnetlink socket bound to one
+network namespace. Kernel errors become typed errors here and nowhere else,
+and the few transient ones (EBUSY/EAGAIN from drivers that apply VF settings
+asynchronously) are retried a bounded number of times.
+
+A socket for another namespace is opened by ``setns``-ing this thread there,
+creating the socket, and ``setns``-ing back: a netlink socket stays bound to
+the namespace it was created in. This avoids the fork pyroute2's own
+``netns=`` argument costs, and it never creates a namespace by accident
+(pyroute2's default ``flags=O_CREAT`` would).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
+
+from .errors import DeviceBusy, LinkExists, LinkNotFound, NetlinkError, NotSupported
+from .netns import enter_netns
+
+IFF_UP = 0x1
+RTEXT_FILTER_VF = 1
+RTEXT_FILTER_SKIP_STATS = 8
+LINK_STATES = {"auto": 0, "enable": 1, "disable": 2}
+LINK_STATE_NAMES = {v: k for k, v in LINK_STATES.items()}
+_TRANSIENT = (_errno.EBUSY, _errno.EAGAIN)
+_RETRIES = 10
+_RETRY_DELAY = 0.05
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: Optional[str]
+    mtu: int
+    up: bool
+    parent: Optional[str]  # IFLA_PARENT_DEV_NAME: the PCI address on real NICs
+
+
+@dataclass(frozen=True)
+class VfInfo:
+    """PF-side view of one VF (IFLA_VF_INFO)."""
+
+    vf: int
+    mac: Optional[str] = None
+    vlan: Optional[int] = None
+    qos: Optional[int] = None
+    spoofchk: Optional[bool] = None
+    trust: Optional[bool] = None
+    link_state: Optional[str] = None
+    min_tx_rate: Optional[int] = None
+    max_tx_rate: Optional[int] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "VfInfo":
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+def _translate(err: _PyNetlinkError, what: str) -> NetlinkError:
+    code = getattr(err, "code", 0) or 0
+    text = os.strerror(code) if code else str(err)
+    msg = f"{what}: {text}"
+    if code == _errno.ENODEV or code == _errno.ENOENT:
+        return LinkNotFound(msg, code)
+    if code == _errno.EEXIST or code == _errno.ENOTEMPTY:
+        return LinkExists(msg, code)
+    if code in (_errno.EOPNOTSUPP, _errno.ENOTSUP):
+        return NotSupported(msg, code)
+    if code == _errno.EBUSY:
+        return DeviceBusy(msg, code)
+    return NetlinkError(msg, code)
+
+
+class Netlink:
+    """An rtnetlink socket in one namespace; always use it as a context manager."""
+
+    def __init__(self, netns_fd: Optional[int] = None, label: str = "host") -> None:
+        self.label = label
+        if netns_fd is None:
+            self._ipr = IPRoute()
+        else:
+            with enter_netns(netns_fd):
+                self._ipr = IPRoute()
+
+    def __enter__(self) -> "Netlink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # -- plumbing ------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, retry: bool = False,
+              **kwargs: Any) -> T:
+        attempts = _RETRIES if retry else 1
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except _PyNetlinkError as err:
+                if retry and err.code in _TRANSIENT and attempt + 1 < attempts:
+                    time.sleep(_RETRY_DELAY)
+                    continue
+                raise _translate(err, f"{what} (netns {self.label})") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _link(msg: Any) -> Link:
+        return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"),
+                    mac=msg.get_attr("IFLA_ADDRESS"), mtu=msg.get_attr("IFLA_MTU") or 0,
+                    up=bool(msg["flags"] & IFF_UP),
+                    parent=msg.get_attr("IFLA_PARENT_DEV_NAME"))
+
+    # -- links ---------------------------------------------------------------
+    def link(self, name: str) -> Optional[Link]:
+        try:
+            msgs = self._call(f"get link {name}", self._ipr.link, "get", ifname=name)
+        except LinkNotFound:
+            return None
+        return self._link(msgs[0])
+
+    def link_by_index(self, index: int) -> Optional[Link]:
+        try:
+            msgs = self._call(f"get link #{index}", self._ipr.link, "get", index=index)
+        except LinkNotFound:
+            return None
+        return self._link(msgs[0])
+
+    def links(self) -> Iterator[Link]:
+        for msg in self._call("dump links", self._ipr.link, "dump"):
+            yield self._link(msg)
+
+    def require(self, name: str) -> Link:
+        link = self.link(name)
+        if link is None:
+            raise LinkNotFound(f"no interface {name} in netns {self.label}", _errno.ENODEV)
+        return link
+
+    def set_link(self, index: int, **attrs: Any) -> None:
+        """Set link attributes: any of ``address``, ``mtu``, ``state``, ``ifname``."""
+        desc = ", ".join(f"{k}={v}" for k, v in attrs.items())
+        self._call(f"set link #{index} {desc}", self._ipr.link, "set", index=index,
+                   retry=True, **attrs)
+
+    def move(self, index: int, target_fd: int, ifname: str) -> None:
+        """Move a link to another netns and rename it there in one request.
+
+        The kernel applies IFLA_IFNAME as the name in the target namespace, so
+        the old name never clashes there (rtnetlink do_setlink).
+        """
+        self._call(f"move link #{index} to netns as {ifname}", self._ipr.link, "set",
+                   index=index, net_ns_fd=target_fd, ifname=ifname)
+
+    # -- addresses and routes -------------------------------------------------
+    def add_addr(self, index: int, address: str, prefixlen: int) -> None:
+        try:
+            self._call(f"add address {address}/{prefixlen}", self._ipr.addr, "add",
+                       index=index, address=address, prefixlen=prefixlen)
+        except LinkExists:
+            pass  # ensure(): already there is what we wanted
+
+    def global_addrs(self, index: int) -> List[str]:
+        out = []
+        for msg in self._call(f"dump addresses of #{index}", self._ipr.addr, "dump", index=index):
+            if msg["scope"] == 0:  # RT_SCOPE_UNIVERSE: not link-local or host
+                out.append(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+        return out
+
+    def add_route(self, dst: str, oif: int, gateway: Optional[str] = None) -> None:
+        kw: Dict[str, Any] = {"dst": dst, "oif": oif}
+        if gateway:
+            kw["gateway"] = gateway
+        try:
+            self._call(f"add route {dst}" + (f" via {gateway}" if gateway else ""),
+                       self._ipr.route, "add", **kw)
+        except LinkExists:
+            pass
+
+    def routes_via(self, index: int) -> int:
+        """How many routes in the main table use this link (dpdk-devbind's 'active')."""
+        n = 0
+        for family in (2, 10):
+            for msg in self._call(f"dump routes of #{index}", self._ipr.route, "dump",
+                                  family=family):
+                if msg.get_attr("RTA_OIF") == index and msg.get_attr("RTA_TABLE") == 254:
+                    n += 1
+        return n
+
+    # -- VFs, from the PF ---------------------------------------------------------
+    def vf_info(self, pf_index: int, vf: int) -> Optional[VfInfo]:
+        """The PF-side settings of VF ``vf``, or None if the PF reports no VFs."""
+        msg = self._call(f"get VF info of PF #{pf_index}", self._ipr.link, "get",
+                         index=pf_index, ext_mask=RTEXT_FILTER_VF | RTEXT_FILTER_SKIP_STATS)[0]
+        vflist = msg.get_attr("IFLA_VFINFO_LIST")
+        if vflist is None:
+            return None
+        for info in vflist.get_attrs("IFLA_VF_INFO"):
+            mac = info.get_attr("IFLA_VF_MAC")
+            if mac is None or mac["vf"] != vf:
+                continue
+            return _vfinfo(vf, info)
+        return None
+
+    def set_vf(self, pf_index: int, vf: int, **attrs: Any) -> None:
+        """Set one VF attribute per request, so a failure names its attribute.
+
+        pyroute2 pops keys from the dict it gets, so each request gets a new one.
+        """
+        for key, val in attrs.items():
+            if key == "vlan":
+                spec: Dict[str, Any] = {"vf": vf, "vlan": {"vlan": val[0], "qos": val[1]}}
+            elif key == "rate":
+                spec = {"vf": vf, "rate": {"min_tx_rate": val[0], "max_tx_rate": val[1]}}
+            elif key == "link_state":
+                spec = {"vf": vf, "link_state": LINK_STATES[val]}
+            elif key in ("spoofchk", "trust"):
+                spec = {"vf": vf, key: int(bool(val))}
+            else:
+                spec = {"vf": vf, key: val}
+            self._call(f"set VF {vf} {key}={val} on PF #{pf_index}", self._ipr.link, "set",
+                       index=pf_index, vf=spec, retry=True)
+
+
+def _vfinfo(vf: int, info: Any) -> VfInfo:
+    def field(nla: str, key: str) -> Any:
+        attr = info.get_attr(nla)
+        return None if attr is None else attr.get(key)
+
+    mac = field("IFLA_VF_MAC", "mac")
+    spoof = field("IFLA_VF_SPOOFCHK", "spoofchk")
+    trust = field("IFLA_VF_TRUST", "trust")
+    state = field("IFLA_VF_LINK_STATE", "link_state")
+    # The kernel reports -1 (as u32) for "not supported by this driver".
+    return VfInfo(
+        vf=vf,
+        mac=mac.lower() if isinstance(mac, str) else None,
+        vlan=field("IFLA_VF_VLAN", "vlan"),
+        qos=field("IFLA_VF_VLAN", "qos"),
+        spoofchk=None if spoof in (None, 0xFFFFFFFF) else bool(spoof),
+        trust=None if trust in (None, 0xFFFFFFFF) else bool(trust),
+        link_state=LINK_STATE_NAMES.get(state) if state is not None else None,
+        min_tx_rate=field("IFLA_VF_RATE", "min_tx_rate"),
+        max_tx_rate=field("IFLA_VF_RATE", "max_tx_rate"),
+    )
+
+
+def wait_for(check: Callable[[], Optional[T]], timeout: float, step: float = 0.05) -> Optional[T]:
+    """Poll ``check`` until it returns non-None or ``timeout`` passes (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got is not None or time.monotonic() >= deadline:
+            return got
+        time.sleep(step)

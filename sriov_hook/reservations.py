@@ -1,0 +1,213 @@
+"""Crash-safe VF reservations under ``state_dir``.
+
+Layout (all 0700/0600, root only)::
+
+    state_dir/reservations/<bdf>.json   one record per reserved VF
+    state_dir/locks/<bdf>.lock          flock target, one per VF
+    state_dir/netns/<bdf>               bind mount pinning the owner's netns
+
+A record is written whole (temp file, fsync, rename, fsync dir), so a
+crash or power loss leaves the old record or the new one, never half of
+one. The record holds everything release needs to undo the change, and it
+exists before anything on the VF is changed.
+
+Locks are per VF and held only around the check-and-write of a record (and
+around a release), never for a whole hook run, so parallel hooks overlap.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from .errors import LockTimeout, ReservationError
+
+RECORD_VERSION = 1
+
+
+@dataclass
+class Reservation:
+    bdf: str
+    pool: str
+    mode: str
+    owner: str                       # container id, or sandbox id for shared modes
+    pf_bdf: str
+    pf_ifname: Optional[str]
+    vf_index: int
+    ifname: str                      # the interface name asked for in the container
+    host_ifname: Optional[str] = None  # the VF netdev's host name before we took it
+    netns: Optional[str] = None      # netns path resolved at prestart
+    netns_id: Optional[Tuple[int, int]] = None
+    pin: Optional[str] = None
+    pid: Optional[int] = None
+    pid_start: Optional[float] = None
+    orig_mac: Optional[str] = None
+    orig_mtu: Optional[int] = None
+    orig_up: Optional[bool] = None
+    orig_vf: Optional[Dict[str, Any]] = None   # netlink.VfInfo as JSON; None: PF has no VF ops
+    orig_driver: Optional[str] = None
+    request: Dict[str, Any] = field(default_factory=dict)
+    refs: List[str] = field(default_factory=list)  # container ids sharing a sandbox VF
+    created: float = 0.0
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "Reservation":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        if kw.get("netns_id") is not None:
+            kw["netns_id"] = tuple(kw["netns_id"])
+        return cls(**kw)
+
+
+class Store:
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.rec_dir = os.path.join(state_dir, "reservations")
+        self.lock_dir = os.path.join(state_dir, "locks")
+        self.pin_dir = os.path.join(state_dir, "netns")
+        self._ready = False
+
+    def ensure(self) -> None:
+        """Create the layout, root-only. Cheap when it already exists."""
+        if self._ready:
+            return
+        for d in (self.state_dir, self.rec_dir, self.lock_dir, self.pin_dir):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                st = os.stat(d)
+                if st.st_mode & 0o077:
+                    os.chmod(d, 0o700)  # never let other users read or plant state
+            except OSError as err:
+                raise ReservationError(f"cannot prepare state dir {d}: {err.strerror}") from None
+        self._ready = True
+
+    def record_path(self, bdf: str) -> str:
+        return os.path.join(self.rec_dir, f"{bdf}.json")
+
+    def pin_path(self, bdf: str) -> str:
+        return os.path.join(self.pin_dir, bdf)
+
+    # -- locks -------------------------------------------------------------------
+    def _open_lock(self, bdf: str) -> int:
+        self.ensure()
+        path = os.path.join(self.lock_dir, f"{bdf}.lock")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise ReservationError(f"cannot open lock {path}: {err.strerror}") from None
+
+    def try_lock(self, bdf: str) -> Optional[int]:
+        """Non-blocking: an fd holding the VF's lock, or None if someone else has it."""
+        fd = self._open_lock(bdf)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (_errno.EWOULDBLOCK, _errno.EAGAIN):
+                return None
+            raise ReservationError(f"cannot lock VF {bdf}: {err.strerror}") from None
+        return fd
+
+    @contextlib.contextmanager
+    def lock(self, bdf: str, timeout: float) -> Iterator[None]:
+        """Hold the VF's lock; wait at most ``timeout`` seconds for it."""
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            fd = self.try_lock(bdf)
+            if fd is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"timed out after {timeout:g}s waiting for the lock of VF {bdf}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        os.close(fd)
+
+    # -- records -------------------------------------------------------------------
+    def is_reserved(self, bdf: str) -> bool:
+        return os.path.exists(self.record_path(bdf))
+
+    def read(self, bdf: str) -> Optional[Reservation]:
+        path = self.record_path(bdf)
+        try:
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read())
+            return Reservation.from_json(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as err:
+            raise ReservationError(f"reservation record {path} is unreadable: {err}") from None
+
+    def write(self, res: Reservation) -> None:
+        self.ensure()
+        path = self.record_path(res.bdf)
+        tmp = os.path.join(self.rec_dir, f".{res.bdf}.{os.getpid()}.tmp")
+        data = json.dumps(res.to_json(), sort_keys=True).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            self._sync_dir()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise ReservationError(f"cannot write reservation {path}: {err.strerror}") from None
+
+    def delete(self, bdf: str) -> None:
+        try:
+            os.unlink(self.record_path(bdf))
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise ReservationError(f"cannot delete reservation of {bdf}: {err.strerror}") from None
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.rec_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def bdfs(self) -> List[str]:
+        try:
+            names = os.listdir(self.rec_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def all(self) -> Iterator[Tuple[str, Optional[Reservation], Optional[str]]]:
+        """(bdf, record or None, error or None) for every record file."""
+        for bdf in self.bdfs():
+            try:
+                res = self.read(bdf)
+            except ReservationError as err:
+                yield bdf, None, str(err)
+                continue
+            if res is not None:
+                yield bdf, res, None
+
+    def by_owner(self, owner: str) -> List[Reservation]:
+        """Records owned by ``owner`` or listing it among their refs."""
+        return [r for _, r, _ in self.all()
+                if r is not None and (r.owner == owner or owner in r.refs)]
