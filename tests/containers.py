@@ -68,6 +68,11 @@ def runc_bundle(dest: str, args: List[str], annotations: Optional[Dict[str, str]
     spec["process"]["terminal"] = False
     spec["process"]["env"] = ["PATH=/bin", "HOME=/root"]
     spec["hostname"] = "sriov-test"
+    # ping needs a raw socket; the runc default set lacks CAP_NET_RAW.
+    for kind in ("bounding", "effective", "permitted"):
+        caps = spec["process"]["capabilities"].setdefault(kind, [])
+        if "CAP_NET_RAW" not in caps:
+            caps.append("CAP_NET_RAW")
     if annotations:
         spec["annotations"] = annotations
     if hooks:
