@@ -7,6 +7,7 @@ ends in one ``sriov-hook: ...`` line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import traceback
@@ -15,7 +16,7 @@ from typing import List, Optional
 from .errors import HookError, UsageError
 
 STAGES = {"prestart": "prestart", "createRuntime": "prestart", "poststop": "poststop"}
-COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "version")
+COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "cdi", "version")
 USAGE = """usage: sriov-hook [--config PATH] COMMAND
 
 commands:
@@ -23,6 +24,12 @@ commands:
   poststop                   detach and release them (OCI state JSON on stdin)
   status [--json]            every VF the config covers, free or reserved
   gc                         release reservations whose owner is gone
+  cdi [--output PATH] [--prebind] [--hook PATH]
+                             write a CDI spec for the vfio pools (default /var/run/cdi/)
+
+prestart/createRuntime options (used by CDI devices):
+  --pool NAME [--vf PCI]     reserve from this pool (this VF) instead of the annotation
+  --inject-nodes             also create /dev/vfio/<group> inside the container
   version                    print the version
 
 config: --config PATH, else $SRIOV_HOOK_CONFIG, else /etc/sriov-hook/config.yaml"""
@@ -63,11 +70,25 @@ def _parse(argv: List[str]) -> "tuple[Optional[str], str, List[str]]":
     cmd, opts = rest[0], rest[1:]
     if cmd not in COMMANDS:
         raise UsageError(f"unknown command {cmd!r} (one of {', '.join(COMMANDS)})")
-    allowed = {"status": {"--json"}}.get(cmd, set())
-    bad = [o for o in opts if o not in allowed]
-    if bad:
-        raise UsageError(f"{cmd}: unexpected argument {bad[0]!r}")
+    flags = {"status": {"--json"}, "cdi": {"--prebind"}, "prestart": {"--inject-nodes"},
+             "createRuntime": {"--inject-nodes"}}.get(cmd, set())
+    valued = {"cdi": {"--output", "--hook"}, "prestart": {"--pool", "--vf"},
+              "createRuntime": {"--pool", "--vf"}}.get(cmd, set())
+    j = 0
+    while j < len(opts):
+        if opts[j] in valued:
+            if j + 1 >= len(opts):
+                raise UsageError(f"{cmd}: {opts[j]} needs a value")
+            j += 2
+        elif opts[j] in flags:
+            j += 1
+        else:
+            raise UsageError(f"{cmd}: unexpected argument {opts[j]!r}")
     return config, cmd, opts
+
+
+def _opt(opts: List[str], name: str) -> Optional[str]:
+    return opts[opts.index(name) + 1] if name in opts else None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -107,6 +128,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             log.close()
 
 
+def _installed_hook() -> str:
+    """The sriov-hook script beside this interpreter (a venv), else the usual place."""
+    here = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
+    return here if os.access(here, os.X_OK) else "/usr/local/bin/sriov-hook"
+
+
+def _forced_request(opts: List[str]) -> Optional[str]:
+    """--pool/--vf from a CDI device's hook args, as an annotation value."""
+    pool, vf = _opt(opts, "--pool"), _opt(opts, "--vf")
+    if pool is None:
+        if vf is not None:
+            raise UsageError("--vf needs --pool")
+        return None
+    entry = {"pool": pool}
+    if vf is not None:
+        entry["pci"] = vf
+    return json.dumps([entry])
+
+
 def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
     from .context import Ctx
     assert isinstance(ctx, Ctx)
@@ -117,12 +157,23 @@ def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
         ctx.log.info(f"{cmd}: bundle={state.bundle} pid={state.pid} status={state.status!r}")
         if STAGES[cmd] == "prestart":
             container = oci.load_container(state)
-            hook.prestart(ctx, container)
+            ctx.container = container
+            ctx.inject_nodes = "--inject-nodes" in opts
+            hook.prestart(ctx, container, _forced_request(opts))
         else:
             hook.poststop(ctx, state)
         ctx.log.info(f"{cmd}: done")
         return 0
     from . import admin
+    if cmd == "cdi":
+        from . import cdi
+        if "--prebind" in opts:
+            bound = cdi.prebind(ctx)
+            print(f"bound to vfio-pci: {', '.join(bound) or 'none'}")
+        hook_path = _opt(opts, "--hook") or _installed_hook()
+        path = cdi.write(cdi.build(ctx, hook_path), _opt(opts, "--output") or cdi.DEFAULT_DIR)
+        print(f"wrote {path}")
+        return 0
     if cmd == "status":
         data = admin.status(ctx)
         print(json.dumps(data, indent=2) if "--json" in opts else admin.format_status(data))

@@ -21,7 +21,8 @@ OVERRIDABLE = ("mac", "vlan", "qos", "mtu", "spoofchk", "trust", "rate", "link_s
 DEFAULT_ALLOW = ("mac", "mtu")
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOP_KEYS = {"sysfs_root", "state_dir", "log_file", "log_level", "lock_timeout",
-             "device_timeout", "pools"}
+             "device_timeout", "pools", "vfio_dev_dir", "allow_noiommu", "cgroup_root",
+             "hugepages_root"}
 _POOL_KEYS = {"name", "pfs", "mode", "vlan", "qos", "mtu", "spoofchk", "trust",
               "min_tx_rate", "max_tx_rate", "link_state", "allow", "vlans",
               "max_per_container"}
@@ -68,6 +69,10 @@ class Config:
     log_level: str = "info"
     lock_timeout: float = 10.0
     device_timeout: float = 5.0
+    vfio_dev_dir: str = "/dev/vfio"
+    allow_noiommu: bool = False
+    cgroup_root: str = "/sys/fs/cgroup"
+    hugepages_root: Optional[str] = None   # default: sysfs_root
     pools: Dict[str, Pool] = field(default_factory=dict)
 
     def pool(self, name: str) -> Pool:
@@ -122,12 +127,17 @@ def _build(raw: Any, path: str) -> Config:
     if unknown:
         raise c.fail(sorted(map(str, unknown))[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
     kw: Dict[str, Any] = {"path": path}
-    for key in ("sysfs_root", "state_dir", "log_file"):
+    for key in ("sysfs_root", "state_dir", "log_file", "vfio_dev_dir", "cgroup_root",
+                "hugepages_root"):
         if key in raw and raw[key] is not None:
             val = raw[key]
             if not isinstance(val, str) or not os.path.isabs(val):
                 raise c.fail(key, "must be an absolute path")
             kw[key] = os.path.normpath(val)
+    if "allow_noiommu" in raw:
+        if not isinstance(raw["allow_noiommu"], bool):
+            raise c.fail("allow_noiommu", "must be true or false")
+        kw["allow_noiommu"] = raw["allow_noiommu"]
     if "log_level" in raw:
         if raw["log_level"] not in ("debug", "info", "warning", "error"):
             raise c.fail("log_level", "must be one of debug, info, warning, error")

@@ -5,6 +5,7 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from .config import Config
+from .oci import Container
 from .inventory import Inventory
 from .log import StepLog
 from .reservations import Store
@@ -23,6 +24,8 @@ class Ctx:
         self.inventory = Inventory(self.sysfs)
         self._host: Optional["Netlink"] = None
         self._host_fd: Optional[int] = None
+        self.container: Optional[Container] = None   # set at prestart
+        self.inject_nodes = False   # create device nodes inside the container
 
     @property
     def host(self) -> "Netlink":

@@ -18,15 +18,21 @@ from .reservations import Reservation
 _RETRY_SLEEP = 0.01
 
 
-def prestart(ctx: Ctx, container: Container) -> List[Reservation]:
-    value = container.annotations.get(ANNOTATION)
+def prestart(ctx: Ctx, container: Container, value: Optional[str] = None) -> List[Reservation]:
+    """``value`` overrides the annotation (CDI devices name their VF or pool on argv)."""
+    if value is None:
+        value = container.annotations.get(ANNOTATION)
     if value is None:
         ctx.log.info(f"no {ANNOTATION} annotation: nothing to do")
         return []
     reqs = apply_policy(ctx.cfg, parse(value))
     ctx.log.info(f"request: {[r.to_json() for r in reqs]}")
-    held = ctx.store.by_owner(container.id)
+    shared = all(modes.get(ctx.cfg.pool(r.pool).mode).per_sandbox for r in reqs)
+    owner = (container.sandbox_id or container.id) if shared else container.id
+    held = ctx.store.by_owner(owner)
     if held:
+        if shared:
+            return _join(ctx, held, container.id)
         raise ReservationError(f"container {container.id} already holds VF "
                                f"{held[0].bdf}; run poststop for it first")
     netns_path, netns_fd = _open_container_netns(ctx, container, reqs)
@@ -35,7 +41,7 @@ def prestart(ctx: Ctx, container: Container) -> List[Reservation]:
         for req in reqs:
             pool = ctx.cfg.pool(req.pool)
             mode = modes.get(pool.mode)
-            res = reserve(ctx, pool, req, container, netns_path, netns_fd)
+            res = reserve(ctx, pool, req, container, netns_path, netns_fd, owner)
             done.append(res)
             ctx.log.info(f"reserved {res.bdf} (PF {res.pf_ifname or res.pf_bdf} VF {res.vf_index}) "
                          f"from pool {pool.name} for {res.ifname}")
@@ -64,8 +70,25 @@ def _open_container_netns(ctx: Ctx, container: Container,
     return path, fd
 
 
+def _join(ctx: Ctx, held: List[Reservation], cid: str) -> List[Reservation]:
+    """A later container of a sandbox: count a reference, hand out nothing new."""
+    out = []
+    for res in held:
+        with ctx.store.lock(res.bdf, ctx.cfg.lock_timeout):
+            current = ctx.store.read(res.bdf)
+            if current is None:
+                raise ReservationError(f"sandbox VF {res.bdf} was released meanwhile")
+            if cid not in current.refs:
+                current.refs.append(cid)
+                ctx.store.write(current)
+            out.append(current)
+        ctx.log.info(f"{cid} joins sandbox {res.owner} on {res.bdf} (refs {len(current.refs)})")
+    return out
+
+
 def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
-            netns_path: Optional[str], netns_fd: Optional[int]) -> Reservation:
+            netns_path: Optional[str], netns_fd: Optional[int],
+            owner: Optional[str] = None) -> Reservation:
     """Pick the first free usable VF of ``pool`` and write its record.
 
     The per-VF lock is held only for check-record-write; VFs another hook
@@ -76,6 +99,8 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
     while True:
         busy, seen, skipped = 0, 0, []
         for cand in ctx.inventory.candidates(pool):
+            if req.pci is not None and cand.bdf != req.pci:
+                continue
             seen += 1
             if ctx.store.is_reserved(cand.bdf):
                 continue
@@ -86,7 +111,8 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
             try:
                 if ctx.store.is_reserved(cand.bdf):  # lost the race before our lock
                     continue
-                res = _new_record(ctx, pool, req, container, cand, netns_path, netns_fd)
+                res = _new_record(ctx, pool, req, container, cand, netns_path, netns_fd,
+                                  owner or container.id)
                 why = mode.prepare(ctx, cand, res, req)
                 if why is not None:
                     skipped.append(f"{cand.bdf}: {why}")
@@ -97,6 +123,11 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
             finally:
                 ctx.store.unlock(fd)
         if busy == 0:
+            if req.pci is not None:
+                if seen == 0:
+                    raise PoolExhausted(f"VF {req.pci} is not in pool {pool.name}")
+                if not skipped:
+                    raise PoolExhausted(f"VF {req.pci} of pool {pool.name} is already reserved")
             detail = f"; unusable: {skipped[0]}" if skipped else ""
             raise PoolExhausted(f"pool {pool.name} is exhausted: no free VF among {seen}{detail}")
         if time.monotonic() >= deadline:
@@ -107,10 +138,10 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
 
 def _new_record(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
                 cand: Candidate, netns_path: Optional[str],
-                netns_fd: Optional[int]) -> Reservation:
+                netns_fd: Optional[int], owner: str) -> Reservation:
     pid = container.state.pid
     return Reservation(
-        bdf=cand.bdf, pool=pool.name, mode=pool.mode, owner=container.id,
+        bdf=cand.bdf, pool=pool.name, mode=pool.mode, owner=owner, refs=[container.id],
         pf_bdf=cand.pf_bdf, pf_ifname=cand.pf_ifname, vf_index=cand.index,
         ifname=req.interface, netns=netns_path,
         netns_id=nsmod.identity(netns_fd) if netns_fd is not None else None,
@@ -143,6 +174,17 @@ def release(ctx: Ctx, res: Reservation, reason: str) -> bool:
         raise
 
 
+def _leave(ctx: Ctx, res: Reservation, cid: str) -> None:
+    """One container of a sandbox stops; the VF stays while others hold it."""
+    with ctx.store.lock(res.bdf, ctx.cfg.lock_timeout):
+        current = ctx.store.read(res.bdf)
+        if current is not None and cid in current.refs:
+            current.refs.remove(cid)
+            ctx.store.write(current)
+            ctx.log.info(f"{cid} leaves sandbox {res.owner} on {res.bdf} "
+                         f"({len(current.refs)} refs left)")
+
+
 def poststop(ctx: Ctx, state: State) -> int:
     """Release every VF the container (or sandbox) holds. Idempotent."""
     held = ctx.store.by_owner(state.id)
@@ -152,6 +194,9 @@ def poststop(ctx: Ctx, state: State) -> int:
     errors: List[HookError] = []
     for res in held:
         try:
+            if state.id != res.owner and set(res.refs) - {state.id}:
+                _leave(ctx, res, state.id)
+                continue
             release(ctx, res, reason="poststop")
         except HookError as err:
             errors.append(err)

@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError as _PyNetlinkError
 
 from .errors import DeviceBusy, LinkExists, LinkNotFound, NetlinkError, NotSupported
 from .netns import enter_netns
+from .util import wait_for  # noqa: F401  (re-exported for modes)
 
 IFF_UP = 0x1
 RTEXT_FILTER_VF = 1
@@ -256,12 +257,3 @@ def _vfinfo(vf: int, info: Any) -> VfInfo:
         max_tx_rate=field("IFLA_VF_RATE", "max_tx_rate"),
     )
 
-
-def wait_for(check: Callable[[], Optional[T]], timeout: float, step: float = 0.05) -> Optional[T]:
-    """Poll ``check`` until it returns non-None or ``timeout`` passes (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got is not None or time.monotonic() >= deadline:
-            return got
-        time.sleep(step)

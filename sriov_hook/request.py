@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .config import LINK_STATES, Config, Pool, VfSettings
 from .errors import RequestError
-from .pci import ifname_problem
+from .pci import ifname_problem, normalize_bdf
 
 ANNOTATION = "sriov-hook.io/networks"
 MAX_ANNOTATION_BYTES = 16 * 1024
@@ -29,7 +29,7 @@ MAX_ROUTES = 64
 RESERVED_IFNAMES = {"lo"}
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_LONG_KEYS = {"pool", "interface", "mac", "vlan", "qos", "mtu", "ips", "gateway", "routes",
+_LONG_KEYS = {"pool", "pci", "interface", "mac", "vlan", "qos", "mtu", "ips", "gateway", "routes",
               "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state"}
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
@@ -55,10 +55,11 @@ class NetworkRequest:
     ips: Tuple[IPInterface, ...] = ()
     gateway: Optional[IPAddress] = None
     routes: Tuple[Route, ...] = ()
+    pci: Optional[str] = None           # a specific VF of the pool (CDI per-VF devices)
 
     def to_json(self) -> Dict[str, Any]:
         return {
-            "pool": self.pool, "interface": self.interface,
+            "pool": self.pool, "pci": self.pci, "interface": self.interface,
             "vf": {k: v for k, v in self.vf.__dict__.items() if v is not None},
             "mtu": self.mtu, "ips": [str(i) for i in self.ips],
             "gateway": str(self.gateway) if self.gateway else None,
@@ -135,6 +136,14 @@ def _one(item: Dict[str, Any], pos: int) -> NetworkRequest:
     pool = item.get("pool")
     if not isinstance(pool, str) or not _POOL_NAME.match(pool):
         raise RequestError(f"{where}.pool: required, must match [A-Za-z0-9][A-Za-z0-9_.-]*")
+    pci = None
+    if item.get("pci") is not None:
+        try:
+            pci = normalize_bdf(item["pci"]) if isinstance(item["pci"], str) else None
+        except ValueError:
+            pci = None
+        if pci is None:
+            raise RequestError(f"{where}.pci: must be a PCI address like 0000:3b:02.1")
     ifname = item["interface"]
     why = ifname_problem(ifname)
     if why:
@@ -167,7 +176,7 @@ def _one(item: Dict[str, Any], pos: int) -> NetworkRequest:
         raise RequestError(f"{where}.gateway: {gateway} has no address of its family in ips")
     routes = tuple(_routes(item.get("routes", []), f"{where}.routes"))
     return NetworkRequest(pool=pool, interface=ifname, vf=VfSettings(**vf), mtu=mtu,
-                          ips=ips, gateway=gateway, routes=routes)
+                          ips=ips, gateway=gateway, routes=routes, pci=pci)
 
 
 def _int(val: Any, where: str, lo: int, hi: int) -> int:

@@ -51,6 +51,9 @@ class Reservation:
     orig_up: Optional[bool] = None
     orig_vf: Optional[Dict[str, Any]] = None   # netlink.VfInfo as JSON; None: PF has no VF ops
     orig_driver: Optional[str] = None
+    vfio_group: Optional[str] = None
+    device_node: Optional[str] = None        # host node, e.g. /dev/vfio/42
+    extras: Dict[str, Any] = field(default_factory=dict)  # mode-specific undo data
     request: Dict[str, Any] = field(default_factory=dict)
     refs: List[str] = field(default_factory=list)  # container ids sharing a sandbox VF
     created: float = 0.0

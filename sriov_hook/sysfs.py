@@ -71,7 +71,9 @@ class Sysfs:
 
     def write(self, path: str, value: str) -> None:
         try:
-            fd = os.open(path, os.O_WRONLY)
+            # O_TRUNC is a no-op on real sysfs attributes and keeps plain
+            # files (a fake tree) from holding a longer, older value.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         except OSError as err:
             raise self._translate(err, "open", path) from None
         try:
@@ -133,6 +135,20 @@ class Sysfs:
 
     def iommu_group(self, bdf: str) -> Optional[str]:
         return self.readlink_base(self.dev(bdf, "iommu_group"))
+
+    def driver_override(self, bdf: str) -> Optional[str]:
+        """The override, or None when unset (the kernel shows "(null)")."""
+        try:
+            val = self.read(self.dev(bdf, "driver_override"))
+        except DeviceNotFound:
+            return None
+        return None if val in ("", "(null)") else val
+
+    def group_devices(self, group: str) -> List[str]:
+        return self.listdir(os.path.join(self.root, "kernel/iommu_groups", group, "devices"))
+
+    def iommu_present(self) -> bool:
+        return bool(self.listdir(os.path.join(self.root, "class/iommu")))
 
     def numa_node(self, bdf: str) -> int:
         try:

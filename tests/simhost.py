@@ -37,12 +37,17 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 class FakeSysfs:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, iommu: bool = True) -> None:
         self.root = root
         self.pci = os.path.join(root, "devices/pci0000:00")
         for d in ("bus/pci/devices", "bus/pci/drivers", "class/net", "kernel/iommu_groups",
                   "class/iommu", "devices/pci0000:00", "module/vfio/parameters"):
             os.makedirs(os.path.join(root, d), exist_ok=True)
+        if iommu:
+            os.makedirs(os.path.join(root, "class/iommu/dmar0"), exist_ok=True)
+        self._write("module/vfio/parameters/enable_unsafe_noiommu_mode", "N\n")
+        for drv in ("vfio-pci", "uio_pci_generic"):
+            self.add_driver(drv)
         self._write("bus/pci/drivers_probe", "")
 
     def _write(self, rel: str, text: str) -> None:
@@ -147,6 +152,7 @@ class SimHost:
     dir: str
     uid: str
     sysfs_root: str
+    dev_dir: str
     state_dir: str
     log_file: str
     config: str
@@ -168,7 +174,8 @@ def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
     os.makedirs(base, exist_ok=True)
     root = os.path.join(base, "sys")
     fs = FakeSysfs(root)
-    host = SimHost(dir=base, uid=uid, sysfs_root=root, state_dir=os.path.join(base, "state"),
+    host = SimHost(dir=base, uid=uid, sysfs_root=root, dev_dir=os.path.join(base, "dev/vfio"),
+                   state_dir=os.path.join(base, "state"),
                    log_file=os.path.join(base, "hook.log"), config=os.path.join(base, "config.yaml"))
     try:
         for p in range(npfs):
@@ -208,7 +215,8 @@ def write_config(host: SimHost, pools: Optional[List[Dict]] = None,
     pools = pools if pools is not None else [
         {"name": "fast", "mode": "netdev", "pfs": [n.pf for n in host.nics]}]
     cfg = {"sysfs_root": host.sysfs_root, "state_dir": host.state_dir,
-           "log_file": host.log_file, "log_level": "debug", "pools": pools}
+           "log_file": host.log_file, "log_level": "debug", "vfio_dev_dir": host.dev_dir,
+           "device_timeout": 2, "pools": pools}
     cfg.update(extra or {})
     with open(host.config, "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
@@ -227,6 +235,10 @@ def teardown(host: SimHost) -> None:
         ip("link", "del", nic.pf, check=False)
         ip("link", "del", nic.bridge, check=False)
     shutil.rmtree(host.dir, ignore_errors=True)
+
+
+def fake_sysfs(host: SimHost) -> FakeSysfs:
+    return FakeSysfs(host.sysfs_root)
 
 
 def load(path: str) -> SimHost:

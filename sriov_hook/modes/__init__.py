@@ -10,7 +10,7 @@ from typing import Dict
 
 from .base import Mode
 
-_MODULES = {"netdev": "netdev"}
+_MODULES = {"netdev": "netdev", "vfio": "vfio", "kata": "kata"}
 _cache: Dict[str, Mode] = {}
 
 

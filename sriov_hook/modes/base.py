@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 class Mode(ABC):
     name: str = ""
     needs_netns: bool = True
+    per_sandbox: bool = False   # one reservation per sandbox, shared by its containers
 
     @abstractmethod
     def prepare(self, ctx: "Ctx", cand: "Candidate", res: "Reservation",

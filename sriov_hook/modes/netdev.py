@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .. import netns as nsmod
 from .. import pfside
 from ..errors import LinkExists, LinkNotFound, NetlinkError
-from ..netlink import Link, Netlink, VfInfo, wait_for
+from ..netlink import Link, Netlink, VfInfo
+from ..util import wait_for
 from .base import Mode
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ..reservations import Reservation
 
 
-def pf_side_attrs(req: "NetworkRequest", has_vf_ops: bool) -> dict:
+def pf_side_attrs(req: "NetworkRequest", has_vf_ops: bool) -> Dict[str, Any]:
     attrs = pfside.wanted(req.vf)
     if not has_vf_ops:
         # Without VF ops on the PF the MAC can still be set on the VF's own
@@ -38,27 +39,44 @@ def pf_side_attrs(req: "NetworkRequest", has_vf_ops: bool) -> dict:
 def capture(ctx: "Ctx", cand: "Candidate", res: "Reservation",
             req: "NetworkRequest") -> Optional[str]:
     """Record the VF netdev's and PF's original state; None if usable."""
+    why = capture_netdev(ctx, cand, res, required=True)
+    if why is None:
+        capture_pf(ctx, cand, res, req)
+    return why
+
+
+def capture_netdev(ctx: "Ctx", cand: "Candidate", res: "Reservation",
+                   required: bool) -> Optional[str]:
+    """The VF netdev's name, MAC, MTU and state; a reason if it is unusable."""
+    res.orig_driver = ctx.sysfs.driver(cand.bdf)
     name = ctx.sysfs.netdev(cand.bdf)
     if name is None:
-        return "no netdev on the host (not on a kernel driver, or in another netns)"
+        return "no netdev on the host (not on a kernel driver, or in another netns)" \
+            if required else None
     link = ctx.host.link(name)
     if link is None:
-        return f"netdev {name} is not in the host network namespace"
+        return f"netdev {name} is not in the host network namespace" if required else None
     addrs = ctx.host.global_addrs(link.index)
     if addrs:
         return f"netdev {name} is in use on the host (addresses {', '.join(addrs)})"
+    if ctx.host.routes_via(link.index):
+        return f"netdev {name} is in use on the host (routes point at it)"
     res.host_ifname, res.orig_mac, res.orig_mtu, res.orig_up = name, link.mac, link.mtu, link.up
-    res.orig_driver = ctx.sysfs.driver(cand.bdf)
+    return None
+
+
+def capture_pf(ctx: "Ctx", cand: "Candidate", res: "Reservation", req: "NetworkRequest",
+               netdev_mac: bool = True) -> None:
+    """The PF-side VF settings; fail before anything is written if the PF
+    cannot do what is asked."""
     orig = None
     if cand.pf_ifname is not None:
         pf = ctx.host.link(cand.pf_ifname)
         if pf is not None:
             orig = ctx.host.vf_info(pf.index, cand.index)
     res.orig_vf = orig.to_json() if orig is not None else None
-    # Fail now, before anything is written, if the PF cannot do what is asked.
     pfside.require_vf_ops(cand.pf_ifname, cand.index, orig,
-                          pf_side_attrs(req, orig is not None))
-    return None
+                          pf_side_attrs(req, orig is not None or not netdev_mac))
 
 
 def apply_pf_side(ctx: "Ctx", res: "Reservation", req: "NetworkRequest") -> None:
@@ -210,14 +228,18 @@ class NetdevMode(Mode):
         configure_inside(ctx, res, req, netns_fd)
 
     def detach(self, ctx: "Ctx", res: "Reservation") -> None:
-        link = bring_home(ctx, res)
-        if link is None:
-            raise NetlinkError(f"VF {res.bdf} ({res.host_ifname}) was found neither in the "
-                               f"pinned netns nor on the host; its record is kept for gc")
-        restore_netdev(ctx, res, link)
-        restore_pf_side(ctx, res)
-        if res.pin:
-            nsmod.unpin(res.pin)
+        return_netdev(ctx, res)
+
+
+def return_netdev(ctx: "Ctx", res: "Reservation") -> None:
+    link = bring_home(ctx, res)
+    if link is None:
+        raise NetlinkError(f"VF {res.bdf} ({res.host_ifname}) was found neither in the "
+                           f"pinned netns nor on the host; its record is kept for gc")
+    restore_netdev(ctx, res, link)
+    restore_pf_side(ctx, res)
+    if res.pin:
+        nsmod.unpin(res.pin)
 
 
 MODE = NetdevMode()
