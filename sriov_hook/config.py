@@ -25,7 +25,9 @@ _TOP_KEYS = {"sysfs_root", "state_dir", "log_file", "log_level", "lock_timeout",
              "hugepages_root"}
 _POOL_KEYS = {"name", "pfs", "mode", "vlan", "qos", "mtu", "spoofchk", "trust",
               "min_tx_rate", "max_tx_rate", "link_state", "allow", "vlans",
-              "max_per_container"}
+              "max_per_container", "driver", "hugepages", "hugepage_size"}
+USERSPACE_DRIVERS = ("vfio-pci", "uio_pci_generic", "igb_uio")
+_SIZE = re.compile(r"^(\d+)\s*([KMG])$", re.I)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class Pool:
     allow: FrozenSet[str] = frozenset(DEFAULT_ALLOW)
     vlans: Optional[Tuple[Tuple[int, int], ...]] = None  # None = any, if vlan allowed
     max_per_container: int = 4
+    driver: str = "vfio-pci"            # dpdk mode: the userspace driver
+    hugepages_kb: int = 0               # dpdk mode: memory to have reserved per VF
+    hugepage_kb: int = 2048             # dpdk mode: page size
 
     def vlan_allowed(self, vlan: int) -> bool:
         return self.vlans is None or any(lo <= vlan <= hi for lo, hi in self.vlans)
@@ -219,8 +224,23 @@ def _pool(c: _Ctx, key: str, p: Any) -> Pool:
         vlans = _vlan_ranges(c, f"{key}.vlans", p["vlans"])
     maxn = _int_in(c, f"{key}.max_per_container", p["max_per_container"], 1, 64) \
         if "max_per_container" in p else 4
+    extra: Dict[str, Any] = {}
+    if "driver" in p:
+        if p["driver"] not in USERSPACE_DRIVERS:
+            raise c.fail(f"{key}.driver", f"must be one of {', '.join(USERSPACE_DRIVERS)}")
+        extra["driver"] = p["driver"]
+    for k, field_name in (("hugepages", "hugepages_kb"), ("hugepage_size", "hugepage_kb")):
+        if k in p:
+            extra[field_name] = _size_kb(c, f"{key}.{k}", p[k])
     return Pool(name=name, mode=mode, pfs=tuple(pfs), defaults=VfSettings(**d), mtu=mtu,
-                allow=frozenset(allow), vlans=vlans, max_per_container=maxn)
+                allow=frozenset(allow), vlans=vlans, max_per_container=maxn, **extra)
+
+
+def _size_kb(c: _Ctx, key: str, val: Any) -> int:
+    m = _SIZE.match(str(val).strip())
+    if not m or int(m.group(1)) <= 0:
+        raise c.fail(key, "must be a size like 512M or 1G")
+    return int(m.group(1)) * {"K": 1, "M": 1024, "G": 1024 * 1024}[m.group(2).upper()]
 
 
 def _vlan_ranges(c: _Ctx, key: str, val: Any) -> Tuple[Tuple[int, int], ...]:

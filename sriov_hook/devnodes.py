@@ -23,17 +23,23 @@ class DeviceError(HookError):
     pass
 
 
-def rootfs_on_host(container: Container) -> str:
-    pid = container.state.pid
-    if pid is None:
-        raise DeviceError("state has no pid: cannot reach the container's /dev")
+def rootfs_path(container: Container) -> str:
+    """The rootfs as mounted in the container's mount namespace (before pivot)."""
     root = container.spec.get("root") if isinstance(container.spec.get("root"), dict) else {}
     path = root.get("path") or "rootfs"
-    if not isinstance(path, str):
+    if not isinstance(path, str) or "\0" in path:
         raise DeviceError("spec root.path must be a string")
     if not os.path.isabs(path):
         path = os.path.join(container.state.bundle, path)
-    return f"/proc/{pid}/root{os.path.normpath(path)}"
+    return os.path.normpath(path)
+
+
+def rootfs_on_host(container: Container) -> str:
+    """The same directory reached from the host through /proc/<pid>/root."""
+    pid = container.state.pid
+    if pid is None:
+        raise DeviceError("state has no pid: cannot reach the container's /dev")
+    return f"/proc/{pid}/root{rootfs_path(container)}"
 
 
 def _safe_dirs(base: str, rel: str) -> str:

@@ -13,7 +13,9 @@ Side effects match the kernel's: a netdev disappears from ``net/`` when
 its driver unbinds and comes back on rebind; binding to vfio-pci creates
 the group's node in a /dev/vfio-like dir (a real char device), and the
 last unbind from vfio-pci removes it. ``fail_bind`` makes one driver's
-probe leave the device unbound, as a failing driver would. Test-only.
+probe leave the device unbound, as a failing driver would. Hugepage counts
+follow writes to nr_hugepages synchronously (fanotify), capped at
+``max_hugepages`` like a kernel short of memory. Test-only.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import Dict, Optional
 from tests.simhost import FakeSysfs
 
 IN_CLOSE_WRITE = 0x00000008
+FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_OPEN_PERM, FAN_MARK_ADD, FAN_ALLOW = 0x4, 0x1, 0x10000, 1, 1
+AT_FDCWD = -100
 NET_DRIVERS = {"igb", "igbvf", "ixgbevf", "iavf"}
 VFIO_MAJOR = 240      # "local/experimental" char major: never a real device here
 VFIO_CONTAINER = (10, 196)   # the real /dev/vfio/vfio misc minor
@@ -55,6 +59,26 @@ class KernelSim:
         drivers = os.path.join(fs.root, "bus/pci/drivers")
         for drv in os.listdir(drivers):
             self.watch(os.path.join(drivers, drv))
+        # Hugepages: the kernel applies a write to nr_hugepages before the
+        # writer's read-back. fanotify permission events give us that: any
+        # open of nr_hugepages waits until the simulator has applied the
+        # last write (capped at max_hugepages) and updated free_hugepages.
+        self.max_hugepages = 512
+        self._pages: Dict[str, int] = {}
+        self._fan = self._libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDWR)
+        if self._fan < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init")
+        for d in ("kernel/mm/hugepages", "devices/system/node/node0/hugepages"):
+            base = os.path.join(fs.root, d)
+            for size in os.listdir(base):
+                path = os.path.join(base, size)
+                self._pages[path] = self._read_int(os.path.join(path, "nr_hugepages"))
+                if self._libc.fanotify_mark(self._fan, FAN_MARK_ADD,
+                                            ctypes.c_uint64(FAN_OPEN_PERM), AT_FDCWD,
+                                            os.path.join(path, "nr_hugepages").encode()) != 0:
+                    raise OSError(ctypes.get_errno(), "fanotify_mark")
+        self._fan_thread = threading.Thread(target=self._fan_loop, daemon=True)
+        self._fan_thread.start()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -67,8 +91,42 @@ class KernelSim:
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
         self._thread.join(5)
-        for fd in (self._fd, self._stop_r, self._stop_w):
+        self._fan_thread.join(5)
+        for fd in (self._fd, self._fan, self._stop_r, self._stop_w):
             os.close(fd)
+
+    def _fan_loop(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fan, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            buf = os.read(self._fan, 4096)
+            off = 0
+            while off < len(buf):
+                length, _v, _r, _m, _mask, efd, _pid = struct.unpack_from("IBBHQii", buf, off)
+                off += length
+                try:
+                    self._apply_hugepages(efd)
+                finally:
+                    os.write(self._fan, struct.pack("iI", efd, FAN_ALLOW))
+                    os.close(efd)
+
+    def _apply_hugepages(self, efd: int) -> None:
+        """Apply a pending nr_hugepages write through the event's own fd (no
+        new open, so no new permission event)."""
+        d = os.path.dirname(os.readlink(f"/proc/self/fd/{efd}"))
+        text = os.pread(efd, 64, 0).decode().strip()
+        if not text.isdigit() or int(text) == self._pages.get(d):
+            return
+        old = self._pages.get(d, 0)
+        got = min(int(text), self.max_hugepages)
+        self._pages[d] = got
+        os.ftruncate(efd, 0)
+        os.pwrite(efd, f"{got}\n".encode(), 0)
+        free_path = os.path.join(d, "free_hugepages")
+        free = self._read_int(free_path) + (got - old)
+        with open(free_path, "w") as fh:
+            fh.write(f"{max(free, 0)}\n")
 
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -88,6 +146,11 @@ class KernelSim:
                 base = self._wd.get(wd)
                 if base and name:
                     self._handle(os.path.join(base, name))
+
+    @staticmethod
+    def _read_int(path: str) -> int:
+        with open(path) as fh:
+            return int(fh.read().strip() or 0)
 
     def _handle(self, path: str) -> None:
         try:

@@ -48,6 +48,11 @@ class FakeSysfs:
         self._write("module/vfio/parameters/enable_unsafe_noiommu_mode", "N\n")
         for drv in ("vfio-pci", "uio_pci_generic"):
             self.add_driver(drv)
+        for d in ("kernel/mm/hugepages", "devices/system/node/node0/hugepages"):
+            for size in ("2048kB", "1048576kB"):
+                for f in ("nr_hugepages", "free_hugepages"):
+                    if not os.path.exists(os.path.join(root, d, f"hugepages-{size}", f)):
+                        self._write(f"{d}/hugepages-{size}/{f}", "0\n")
         self._write("bus/pci/drivers_probe", "")
 
     def _write(self, rel: str, text: str) -> None:

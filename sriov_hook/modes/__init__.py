@@ -10,7 +10,7 @@ from typing import Dict
 
 from .base import Mode
 
-_MODULES = {"netdev": "netdev", "vfio": "vfio", "kata": "kata"}
+_MODULES = {"netdev": "netdev", "vfio": "vfio", "kata": "kata", "dpdk": "dpdk"}
 _cache: Dict[str, Mode] = {}
 
 

@@ -1,0 +1,1 @@
+"""sriov-dpdk: userspace driver binding and hugepages for DPDK containers."""
