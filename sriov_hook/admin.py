@@ -86,17 +86,72 @@ def gc(ctx: Ctx) -> Dict[str, int]:
             path = os.path.join(ctx.store.pin_dir, name)
             nsmod.unpin(path)
             stats["pins_removed"] += 1
+    for path in _stale_tmp(ctx):
+        try:
+            os.unlink(path)
+            stats["tmp_removed"] += 1
+        except FileNotFoundError:
+            pass
+    return stats
+
+
+def _stale_tmp(ctx: Ctx) -> List[str]:
+    """Temp records whose writer is dead (or that are old): a crash mid-write."""
+    out = []
     now = time.time()
     for name in _listdir(ctx.store.rec_dir):
+        if not name.endswith(".tmp"):
+            continue
         path = os.path.join(ctx.store.rec_dir, name)
-        if name.endswith(".tmp"):
-            try:
-                if now - os.stat(path).st_mtime > STALE_TMP_SECONDS:
-                    os.unlink(path)
-                    stats["tmp_removed"] += 1
-            except FileNotFoundError:
-                pass
-    return stats
+        pid = name.rsplit(".", 2)[-2]
+        try:
+            old = now - os.stat(path).st_mtime > STALE_TMP_SECONDS
+        except FileNotFoundError:
+            continue
+        if old or not (pid.isdigit() and os.path.exists(f"/proc/{pid}")):
+            out.append(path)
+    return out
+
+
+def check(ctx: Ctx) -> List[str]:
+    """Everything inconsistent, described; changes nothing."""
+    from . import drivers
+    problems: List[str] = []
+    pins = set()
+    for bdf, res, err in ctx.store.all():
+        if res is None:
+            problems.append(f"{bdf}: {err}")
+            continue
+        who = f"{bdf} (owner {res.owner}, {res.mode})"
+        if not owners.owner_alive(res):
+            problems.append(f"{who}: owner is gone; 'sriov-hook gc' will release it")
+        if res.pin:
+            pins.add(os.path.basename(res.pin))
+            if res.mode in ("netdev", "kata") and not nsmod.is_pinned(res.pin):
+                problems.append(f"{who}: its netns pin {res.pin} is missing")
+            elif nsmod.is_pinned(res.pin) and res.netns_id and \
+                    tuple(nsmod.identity(res.pin)) != tuple(res.netns_id):
+                problems.append(f"{who}: its pin holds a different netns than recorded")
+    for name in _listdir(ctx.store.pin_dir):
+        if name not in pins:
+            problems.append(f"{os.path.join(ctx.store.pin_dir, name)}: pin without a reservation")
+    for path in _stale_tmp(ctx):
+        problems.append(f"{path}: temp record left by a crashed hook")
+    for row in status(ctx)["vfs"]:
+        if "error" in row:
+            problems.append(f"pool {row['pool']}: {row['error']}")
+            continue
+        if row["state"] != "free":
+            continue
+        pci, mode = row["pci"], row["mode"]
+        override = ctx.sysfs.driver_override(pci)
+        if override is not None:
+            problems.append(f"{pci}: free but driver_override is still {override!r}")
+        if mode in ("netdev", "kata") and row["driver"] in drivers.USERSPACE_DRIVERS:
+            problems.append(f"{pci}: free in {mode} pool {row['pool']} but bound to {row['driver']}")
+        elif mode in ("netdev", "kata") and row["netdev"] is None:
+            problems.append(f"{pci}: free in {mode} pool {row['pool']} but has no netdev on the host")
+    return problems
 
 
 def _listdir(path: str) -> List[str]:

@@ -16,7 +16,7 @@ from typing import List, Optional
 from .errors import HookError, UsageError
 
 STAGES = {"prestart": "prestart", "createRuntime": "prestart", "poststop": "poststop"}
-COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "cdi", "version")
+COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "check", "cdi", "version")
 USAGE = """usage: sriov-hook [--config PATH] COMMAND
 
 commands:
@@ -24,6 +24,7 @@ commands:
   poststop                   detach and release them (OCI state JSON on stdin)
   status [--json]            every VF the config covers, free or reserved
   gc                         release reservations whose owner is gone
+  check                      report every inconsistency, change nothing (exit 1 if any)
   cdi [--output PATH] [--prebind] [--hook PATH]
                              write a CDI spec for the vfio pools (default /var/run/cdi/)
 
@@ -178,6 +179,12 @@ def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
         data = admin.status(ctx)
         print(json.dumps(data, indent=2) if "--json" in opts else admin.format_status(data))
         return 0
+    if cmd == "check":
+        problems = admin.check(ctx)
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} problem(s)" if problems else "ok: no inconsistencies")
+        return 1 if problems else 0
     if cmd == "gc":
         stats = admin.gc(ctx)
         print(" ".join(f"{k}={v}" for k, v in stats.items()))

@@ -5,7 +5,7 @@ import os
 import time
 from typing import List, Optional
 
-from . import modes, owners
+from . import faults, modes, owners
 from . import netns as nsmod
 from .config import Pool
 from .context import Ctx
@@ -46,6 +46,7 @@ def prestart(ctx: Ctx, container: Container, value: Optional[str] = None) -> Lis
             ctx.log.info(f"reserved {res.bdf} (PF {res.pf_ifname or res.pf_bdf} VF {res.vf_index}) "
                          f"from pool {pool.name} for {res.ifname}")
             mode.attach(ctx, res, req, netns_fd)
+            faults.point("attached")
             ctx.log.info(f"attached {res.bdf} as {res.ifname} ({pool.mode} mode)")
     except BaseException as err:
         ctx.log.error(f"prestart failed: {err}; rolling back {len(done)} VF(s)")
@@ -119,6 +120,7 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
                     ctx.log.info(f"skipping {cand.bdf}: {why}")
                     continue
                 ctx.store.write(res)
+                faults.point("record_written")
                 return res
             finally:
                 ctx.store.unlock(fd)
@@ -163,8 +165,10 @@ def release(ctx: Ctx, res: Reservation, reason: str) -> bool:
             if current is None or current.owner != res.owner:
                 ctx.log.info(f"{res.bdf} already released")
                 return True
+            faults.point("release_locked")
             modes.get(current.mode).detach(ctx, current)
             ctx.store.delete(res.bdf)
+            faults.point("record_deleted")
             ctx.log.info(f"released {res.bdf} ({reason})")
             return True
     except HookError as err:

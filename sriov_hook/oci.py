@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -127,9 +128,13 @@ def load_container(state: State) -> Container:
     try:
         # O_NOFOLLOW on the last component: the bundle is the runtime's and a
         # config.json that is a symlink elsewhere is not what it handed us.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted as config.json must not hang the hook.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         raise StateError(f"cannot open bundle config {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateError(f"bundle config {path} is not a regular file")
     try:
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read(MAX_SPEC_BYTES + 1)

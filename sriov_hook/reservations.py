@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from . import faults
 from .errors import LockTimeout, ReservationError
 
 RECORD_VERSION = 1
@@ -169,6 +170,7 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            faults.point("record_tmp_written")
             os.rename(tmp, path)
             self._sync_dir()
         except OSError as err:

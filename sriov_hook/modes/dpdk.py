@@ -14,7 +14,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from .. import drivers
+from .. import drivers, faults
 from .base import Mode
 from . import netdev, vfio
 
@@ -81,6 +81,7 @@ class DpdkMode(Mode):
             res.extras["hugepages"]["added"] = 0
             ctx.store.write(res)
             raise
+        faults.point("hugepages")
         ctx.log.info(f"hugepages: {pages} x {page_kb}kB wanted on node {node}; added {missing}")
 
     def _equip_container(self, ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
@@ -121,6 +122,7 @@ class DpdkMode(Mode):
                 fh.write(info)
 
         mountns.run_in(container.state.pid or 0, inside, ctx.cfg.device_timeout)
+        faults.point("equipped")
         ctx.log.info(f"container got {HUGE_DIR if huge else 'no hugetlbfs'} and "
                      f"{INFO_DIR}/{res.ifname}.json")
 

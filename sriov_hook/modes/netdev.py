@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .. import netns as nsmod
-from .. import pfside
+from .. import faults, pfside
 from ..errors import LinkExists, LinkNotFound, NetlinkError
 from ..netlink import Link, Netlink, VfInfo
 from ..util import wait_for
@@ -84,6 +84,7 @@ def apply_pf_side(ctx: "Ctx", res: "Reservation", req: "NetworkRequest") -> None
     if attrs:
         pf = ctx.host.require(res.pf_ifname or "")
         pfside.apply(ctx.host, pf.index, res.vf_index, attrs, ctx.log)
+    faults.point("pf_applied")
 
 
 def restore_pf_side(ctx: "Ctx", res: "Reservation") -> None:
@@ -94,6 +95,7 @@ def restore_pf_side(ctx: "Ctx", res: "Reservation") -> None:
         ctx.log.warning(f"PF {res.pf_ifname} is gone; cannot restore VF {res.vf_index} settings")
         return
     pfside.restore(ctx.host, pf.index, res.vf_index, VfInfo.from_json(res.orig_vf), ctx.log)
+    faults.point("pf_restored")
 
 
 def move_in(ctx: "Ctx", res: "Reservation", req: "NetworkRequest", netns_fd: int) -> None:
@@ -108,11 +110,13 @@ def move_in(ctx: "Ctx", res: "Reservation", req: "NetworkRequest", netns_fd: int
     if res.pin and res.netns:
         nsmod.pin(res.netns, res.pin)
         ctx.log.info(f"pinned netns {res.netns} at {res.pin}")
+        faults.point("pinned")
     try:
         ctx.host.move(link.index, netns_fd, res.ifname)
     except LinkExists:
         raise LinkExists(f"the container already has an interface named {res.ifname}") from None
     ctx.log.info(f"moved {res.host_ifname} ({res.bdf}) into the container as {res.ifname}")
+    faults.point("moved")
 
 
 def configure_inside(ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
@@ -129,6 +133,7 @@ def configure_inside(ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
         if req.gateway is not None:
             default = "0.0.0.0/0" if req.gateway.version == 4 else "::/0"
             ns.add_route(default, link.index, str(req.gateway))
+    faults.point("configured")
     ctx.log.info(f"configured {res.ifname}: ips={[str(i) for i in req.ips]} mtu={req.mtu} "
                  f"routes={len(req.routes)} gateway={req.gateway}")
 
@@ -172,6 +177,7 @@ def bring_home(ctx: "Ctx", res: "Reservation") -> Optional[Link]:
                                         f"returning {res.bdf} as {host_name}")
                         ns.move(link.index, ctx.host_netns_fd, host_name)
                     ctx.log.info(f"moved {res.ifname} ({res.bdf}) home as {host_name}")
+                    faults.point("moved_home")
         finally:
             os.close(fd)
 
@@ -209,6 +215,7 @@ def restore_netdev(ctx: "Ctx", res: "Reservation", link: Link) -> None:
         ctx.host.set_link(link.index, mtu=res.orig_mtu)
     if res.orig_up is not None and link.up != res.orig_up:
         ctx.host.set_link(link.index, state="up" if res.orig_up else "down")
+    faults.point("netdev_restored")
     ctx.log.info(f"{link.name} ({res.bdf}) restored: mac={res.orig_mac} mtu={res.orig_mtu} "
                  f"up={res.orig_up}")
 
@@ -240,6 +247,7 @@ def return_netdev(ctx: "Ctx", res: "Reservation") -> None:
     restore_pf_side(ctx, res)
     if res.pin:
         nsmod.unpin(res.pin)
+        faults.point("unpinned")
 
 
 MODE = NetdevMode()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Optional
 
-from .. import drivers
+from .. import drivers, faults
 from ..errors import HookError
 from ..util import wait_for
 from . import netdev
@@ -39,6 +39,7 @@ def capture_for_bind(ctx: "Ctx", cand: "Candidate", res: "Reservation",
 
 def bind_vfio(ctx: "Ctx", res: "Reservation", driver: str = drivers.VFIO) -> None:
     drivers.bind(ctx.sysfs, res.bdf, driver, ctx.cfg.device_timeout, ctx.log)
+    faults.point("bound")
     if driver == drivers.VFIO and res.device_node:
         node = res.device_node
         if wait_for(lambda: True if os.path.exists(node) else None,
@@ -51,6 +52,7 @@ def unbind_to_original(ctx: "Ctx", res: "Reservation") -> None:
     """Driver as recorded (repairs a stale override too), then the netdev."""
     drivers.restore(ctx.sysfs, res.bdf, res.orig_driver, ctx.cfg.device_timeout)
     ctx.log.info(f"{res.bdf} back on {res.orig_driver}, driver_override cleared")
+    faults.point("driver_restored")
     if res.host_ifname:
         link = netdev.bring_home(ctx, res)
         if link is None:
