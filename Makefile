@@ -8,13 +8,13 @@ STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps test test-fast demo clean
+.PHONY: all venv deps test test-fast demo stress bench clean
 
 all: test
 
 # Debian packages: runc and busybox for containers, podman for the hooks.d
 # test, iproute2 for the simulated host. Installed only if missing.
-$(STAMP_DEB):
+$(STAMP_DEB): Makefile
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -27,7 +27,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(STAMP_PIP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	@touch $@
 
 deps: $(STAMP_DEB) $(STAMP_PIP)
@@ -41,6 +41,16 @@ test-fast: deps
 
 demo: deps
 	$(BIN)/python demo/demo.py
+
+# 64 containers vs 32 VFs, 300 random cycles, every crash point, the hostile
+# corpus; writes docs/stress.md.
+stress: deps
+	$(BIN)/python -m tests.stress
+
+# Latency, floors, scale, concurrency and memory; bench/results.json + PNG.
+bench: deps
+	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[bench]'
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

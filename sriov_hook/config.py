@@ -93,18 +93,76 @@ def resolve_path(cli_path: Optional[str]) -> str:
     return cli_path or os.environ.get("SRIOV_HOOK_CONFIG") or DEFAULT_PATH
 
 
-def load(cli_path: Optional[str] = None) -> Config:
+CACHE_DIR = "/run/sriov-hook/config-cache"
+
+
+def load(cli_path: Optional[str] = None, cache_dir: Optional[str] = CACHE_DIR) -> Config:
+    """Load and validate the config.
+
+    PyYAML costs ~20 ms to import, more than everything else the hook does
+    beside pyroute2. So the parsed document is cached as JSON under /run
+    (root-only), keyed by the file's device, inode, size and mtime; the
+    cached document is validated again on every load, exactly as fresh
+    YAML is, and only a document that validated is ever cached.
+    """
     path = resolve_path(cli_path)
     try:
         with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            cached = _cache_read(cache_dir, path, key)
+            if cached is not None:
+                return _build(cached, path)
             text = fh.read()
     except OSError as err:
         raise ConfigError(f"config {path}: cannot read: {err.strerror}") from None
-    return parse(text, path)
+    raw = _parse_yaml(text, path)
+    cfg = _build(raw, path)
+    _cache_write(cache_dir, path, key, raw)
+    return cfg
+
+
+def _cache_file(cache_dir: str, path: str) -> str:
+    import hashlib
+    return os.path.join(cache_dir, hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20]
+                        + ".json")
+
+
+def _cache_read(cache_dir: Optional[str], path: str, key: str) -> Any:
+    if not cache_dir:
+        return None
+    import json
+    try:
+        with open(_cache_file(cache_dir, path), "rb") as fh:
+            data = json.loads(fh.read())
+        if data.get("key") == key and data.get("path") == os.path.abspath(path):
+            return data["raw"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return None
+
+
+def _cache_write(cache_dir: Optional[str], path: str, key: str, raw: Any) -> None:
+    if not cache_dir:
+        return
+    import json
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        target = _cache_file(cache_dir, path)
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump({"path": os.path.abspath(path), "key": key, "raw": raw}, fh)
+        os.rename(tmp, target)
+    except (OSError, TypeError, ValueError):
+        pass  # a cache is an optimisation: never a failure
 
 
 def parse(text: bytes, path: str = "<config>") -> Config:
-    import yaml  # lazily: only stages that read the config pay for it
+    return _build(_parse_yaml(text, path), path)
+
+
+def _parse_yaml(text: bytes, path: str) -> Any:
+    import yaml  # lazily, and only on a config-cache miss
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         raw = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
@@ -113,7 +171,7 @@ def parse(text: bytes, path: str = "<config>") -> Config:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ConfigError(f"config {path}:{where}: {problem}") from None
-    return _build(raw, path)
+    return raw
 
 
 class _Ctx:

@@ -173,7 +173,10 @@ class SimHost:
 
 def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
           with_netdevs: bool = True, pools: Optional[List[Dict]] = None,
-          extra: Optional[Dict] = None) -> SimHost:
+          extra: Optional[Dict] = None, netdev_vfs: Optional[int] = None) -> SimHost:
+    """``netdev_vfs``: give only the first N VFs of each PF a veth netdev (the
+    rest exist in the PCI tree only, as VFs on no kernel driver would); for
+    inventories too big to back with real interfaces."""
     """Create the fake tree, the bridge and the veths, and write a config."""
     uid = uid or uuid.uuid4().hex[:6]
     os.makedirs(base, exist_ok=True)
@@ -184,7 +187,7 @@ def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
                    log_file=os.path.join(base, "hook.log"), config=os.path.join(base, "config.yaml"))
     try:
         for p in range(npfs):
-            nic = _build_nic(fs, uid, p, nvfs, with_netdevs)
+            nic = _build_nic(fs, uid, p, nvfs, with_netdevs, netdev_vfs)
             host.nics.append(nic)
         write_config(host, pools, extra)
     except BaseException:
@@ -193,7 +196,8 @@ def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
     return host
 
 
-def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool) -> SimNic:
+def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool,
+               netdev_vfs: Optional[int] = None) -> SimNic:
     pf_bdf = f"0000:{0x10 + p:02x}:00.0"
     nic = SimNic(uid=uid, pf_no=p, pf=f"sp{uid}{p}", pf_bdf=pf_bdf, bridge=f"sb{uid}{p}")
     ip("link", "add", nic.bridge, "type", "bridge")
@@ -205,12 +209,13 @@ def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool) -
     for i in range(nvfs):
         bdf = vf_bdf(p, i)
         name, peer = f"sv{uid}{p}x{i}", f"sw{uid}{p}x{i}"
-        if with_netdevs:
+        real = with_netdevs and (netdev_vfs is None or i < netdev_vfs)
+        if real:
             ip("link", "add", name, "type", "veth", "peer", "name", peer)
             ip("link", "set", peer, "master", nic.bridge, "up")
-        fs.add_vf(pf_bdf, i, bdf, name if with_netdevs else None,
-                  group=101 + p * 300 + i)
-        nic.vfs.append(SimVf(bdf=bdf, ifname=name, peer=peer, index=i, pf=nic.pf))
+        fs.add_vf(pf_bdf, i, bdf, name if real else None, group=101 + p * 300 + i)
+        if real:
+            nic.vfs.append(SimVf(bdf=bdf, ifname=name, peer=peer, index=i, pf=nic.pf))
     return nic
 
 

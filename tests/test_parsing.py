@@ -231,3 +231,24 @@ def test_container_refuses_symlinked_config(tmp_path: "os.PathLike[str]") -> Non
     os.symlink(tmp_path / "real.json", tmp_path / "config.json")  # type: ignore[operator]
     with pytest.raises(StateError, match="cannot open"):
         oci.load_container(oci.State(id="c", bundle=str(tmp_path)))
+
+
+def test_config_cache_follows_edits_and_is_revalidated(tmp_path) -> None:  # type: ignore
+    cfg_path = tmp_path / "c.yaml"
+    cache = str(tmp_path / "cache")
+    cfg_path.write_text("pools: [{name: a, pfs: [x]}]\n")
+    assert list(config.load(str(cfg_path), cache).pools) == ["a"]
+    assert os.listdir(cache)                      # cached after it validated
+    assert list(config.load(str(cfg_path), cache).pools) == ["a"]   # from the cache
+    cfg_path.write_text("pools: [{name: bb, pfs: [x]}]\n")          # edited: new key
+    assert list(config.load(str(cfg_path), cache).pools) == ["bb"]
+    # A cache entry is validated like fresh YAML: tampering can't smuggle values in.
+    entry = os.path.join(cache, os.listdir(cache)[0])
+    data = json.load(open(entry))
+    data["raw"]["pools"][0]["mode"] = "teleport"
+    json.dump(data, open(entry, "w"))
+    with pytest.raises(ConfigError, match="pools\\[0\\].mode"):
+        config.load(str(cfg_path), cache)
+    cfg_path.write_text("pools: [{name: bb, pfs: [x], mode: nope}]\n")
+    with pytest.raises(ConfigError):
+        config.load(str(cfg_path), cache)
