@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def concurrency(base: str, n: int) -> Dict[str, float]:
         pre, _ = hook_cycle(sim, "fast", nss[0], runs=8)
         cpu = stats([r.cpu for r in pre])["p50"]
         procs = []
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         for i, ns in enumerate(nss):
             state = {"id": f"c{i}", "bundle": sim.bundle("fast", ns)}
@@ -119,13 +121,17 @@ def concurrency(base: str, n: int) -> Dict[str, float]:
             p.stdin.close()  # type: ignore[union-attr]
         rcs = [p.wait() for p, _ in procs]
         wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_sum = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         assert all(rc == 0 for rc in rcs), [p.stderr.read() for p, _ in procs][:2]  # type: ignore
         for i in range(n):
             Run(HOOK + ["--config", sim.config, "poststop"],
                 json.dumps({"id": f"c{i}", "bundle": "/x"}).encode())
         cores = os.cpu_count() or 1
         return {"n": n, "wall": wall, "cpu_one": cpu, "cores": cores,
-                "ideal": n * cpu / cores, "ratio": wall / (n * cpu / cores)}
+                "ideal": n * cpu / cores, "ratio": wall / (n * cpu / cores),
+                "cpu_sum": cpu_sum, "cpu_per_hook_concurrent": cpu_sum / n,
+                "utilisation": cpu_sum / (wall * cores)}
     finally:
         sim.cleanup()
 
@@ -255,6 +261,8 @@ def render(res: Dict[str, Any]) -> str:
     lines += ["", f"{c['n']} concurrent prestarts: wall {c['wall'] * ms:.0f} ms; one prestart "
               f"uses {c['cpu_one'] * ms:.1f} ms CPU; ideal on {c['cores']} cores "
               f"{c['ideal'] * ms:.0f} ms",
+              f"  under concurrency each prestart used {c['cpu_per_hook_concurrent'] * ms:.1f} ms "
+              f"CPU; cores busy {c['utilisation'] * 100:.0f}% of the wall time",
               f"peak RSS: prestart {res['memory_kb']['prestart_max_rss'] / 1024:.1f} MB, "
               f"import pyroute2 alone {res['memory_kb']['import_pyroute2_max_rss'] / 1024:.1f} MB",
               "", "targets:"]

@@ -6,11 +6,11 @@ ends in one ``sriov-hook: ...`` line on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
-import traceback
 from typing import List, Optional
 
 from .errors import HookError, UsageError
@@ -93,6 +93,9 @@ def _opt(opts: List[str], name: str) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # A hook lives for a fraction of a second and makes no reference cycles
+    # worth collecting; the cyclic GC only slows the pyroute2 import (~15 ms).
+    gc.disable()
     argv = sys.argv[1:] if argv is None else argv
     log = None
     try:
@@ -120,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return err.exit_code
     except Exception as err:  # a bug: full trace to the log, one line to the user
         if log is not None:
+            import traceback
             log.error("internal error: " + traceback.format_exc().replace("\n", " | "))
         print(f"sriov-hook: internal error: {type(err).__name__}: {err}"
               + (" (traceback in the log file)" if log is not None else ""), file=sys.stderr)

@@ -123,9 +123,11 @@ def load(cli_path: Optional[str] = None, cache_dir: Optional[str] = CACHE_DIR) -
 
 
 def _cache_file(cache_dir: str, path: str) -> str:
-    import hashlib
-    return os.path.join(cache_dir, hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:20]
-                        + ".json")
+    # crc32 names the entry; the entry itself stores the full path and is
+    # checked against it, so a collision is a miss, never a wrong config.
+    import binascii
+    absolute = os.path.abspath(path)
+    return os.path.join(cache_dir, f"{binascii.crc32(absolute.encode()):08x}.json")
 
 
 def _cache_read(cache_dir: Optional[str], path: str, key: str) -> Any:
