@@ -8,7 +8,7 @@ STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps test test-fast demo stress bench clean
+.PHONY: all venv deps test test-unit test-fast demo stress bench lab clean
 
 all: test
 
@@ -33,7 +33,12 @@ $(STAMP_PIP): $(BIN)/python setup.cfg pyproject.toml
 deps: $(STAMP_DEB) $(STAMP_PIP)
 venv: $(STAMP_PIP)
 
-test: deps
+# The whole suite, then the SR-IOV lab when this machine can run it
+# (lab/maybe.sh says loudly why when it cannot).
+test: test-unit
+	@bash lab/maybe.sh
+
+test-unit: deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: deps
@@ -51,6 +56,11 @@ stress: deps
 bench: deps
 	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[bench]'
 	$(BIN)/python bench/run.py
+
+# Boot a QEMU guest with an emulated Intel 82576 (real SR-IOV) and run the
+# lab tests in it against real sysfs and netlink.
+lab: deps
+	$(BIN)/python lab/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -136,6 +136,23 @@ def concurrency(base: str, n: int) -> Dict[str, float]:
         sim.cleanup()
 
 
+def floor_concurrency(n: int) -> Dict[str, float]:
+    """The same measure for the floor itself: n x `import pyroute2` at once."""
+    seq = [Run([PY, "-c", "import pyroute2"]).cpu for _ in range(8)]
+    cpu = stats(seq)["p50"]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([PY, "-c", "import pyroute2"]) for _ in range(n)]
+    for p in procs:
+        p.wait()
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_sum = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    cores = os.cpu_count() or 1
+    return {"n": n, "wall": wall, "cpu_one": cpu, "ratio": wall / (n * cpu / cores),
+            "cpu_per_proc_concurrent": cpu_sum / n}
+
+
 def scale(base: str, runs: int) -> Dict[str, Dict[str, float]]:
     out = {}
     ann = json.dumps([{"pool": "fast", "ips": ["10.99.0.2/24"], "mtu": 1400}])
@@ -197,6 +214,7 @@ def main() -> int:
         res["modes"] = modes(base, max(10, args.runs // 3))
         res["scale"] = scale(base, max(10, args.runs // 2))
         res["concurrency"] = concurrency(base, args.concurrency)
+        res["floor_concurrency"] = floor_concurrency(args.concurrency)
     res["lab_dpdk"] = lab_figures()
     res["targets"] = targets(res)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -209,7 +227,7 @@ def main() -> int:
 
 def lab_figures() -> Optional[Dict[str, Any]]:
     """bind+unbind vs dpdk-devbind.py, measured inside the SR-IOV lab if it ran."""
-    path = os.path.join(ROOT, "lab", "cache", "bench-dpdk.json")
+    path = os.path.join(ROOT, "lab", "cache", "results", "bench-dpdk.json")
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)
@@ -265,6 +283,10 @@ def render(res: Dict[str, Any]) -> str:
               f"CPU; cores busy {c['utilisation'] * 100:.0f}% of the wall time",
               f"peak RSS: prestart {res['memory_kb']['prestart_max_rss'] / 1024:.1f} MB, "
               f"import pyroute2 alone {res['memory_kb']['import_pyroute2_max_rss'] / 1024:.1f} MB",
+              f"control: {res['floor_concurrency']['n']} x `import pyroute2` at once: wall / "
+              f"(n x CPU / cores) = {res['floor_concurrency']['ratio']:.2f}; CPU per process "
+              f"{res['floor_concurrency']['cpu_one'] * ms:.0f} ms alone, "
+              f"{res['floor_concurrency']['cpu_per_proc_concurrent'] * ms:.0f} ms when crowded",
               "", "targets:"]
     for t in res["targets"]:
         mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]

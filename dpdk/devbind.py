@@ -41,31 +41,74 @@ class Device:
         return {**asdict(self), "group": self.group}
 
 
+def device(fs: Sysfs, bdf: str) -> Optional[Device]:
+    try:
+        if not fs.read(fs.dev(bdf, "class")).startswith(NET_CLASS):
+            return None
+    except DeviceNotFound:
+        return None
+    info = fs.info(bdf)
+    return Device(bdf, info.vendor, info.device, info.numa_node, fs.netdev(bdf),
+                  info.driver, info.iommu_group)
+
+
 def network_devices(fs: Sysfs) -> List[Device]:
-    out = []
-    for bdf in fs.listdir(os.path.join(fs.root, "bus/pci/devices")):
+    devs = (device(fs, bdf) for bdf in fs.listdir(os.path.join(fs.root, "bus/pci/devices")))
+    return [d for d in devs if d is not None]
+
+
+def _routed_ifaces() -> set:
+    """Interfaces the routing tables point at, or with a global IPv6 address.
+
+    dpdk-devbind.py's notion of 'active' (an interface in `ip -o route`), read
+    from procfs: an IPv4 address always brings its connected route along, so
+    this also covers addresses. No netlink library needed, which keeps a
+    bind as cheap as a few sysfs writes.
+    """
+    names = set()
+    try:
+        with open("/proc/net/route") as fh:
+            next(fh, None)
+            names.update(line.split()[0] for line in fh if line.strip())
+    except OSError:
+        pass
+    for path, col in (("/proc/net/ipv6_route", -1), ("/proc/net/if_inet6", -1)):
         try:
-            if not fs.read(fs.dev(bdf, "class")).startswith(NET_CLASS):
-                continue
-        except DeviceNotFound:
-            continue
-        info = fs.info(bdf)
-        out.append(Device(bdf, info.vendor, info.device, info.numa_node, fs.netdev(bdf),
-                          info.driver, info.iommu_group))
-    return out
+            with open(path) as fh:
+                for line in fh:
+                    parts = line.split()
+                    if not parts:
+                        continue
+                    if path.endswith("if_inet6"):
+                        if parts[3] == "00":   # global scope only
+                            names.add(parts[col])
+                    elif not parts[0].startswith(("fe80", "ff00")) and parts[col] != "lo":
+                        names.add(parts[col])
+        except OSError:
+            pass
+    return names
+
+
+def _has_ipv4(ifname: str) -> bool:
+    """SIOCGIFADDR: does the interface carry an IPv4 address (even while down)?"""
+    import fcntl
+    import socket
+    import struct
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
+            return True
+        except OSError:
+            return False
 
 
 def mark_active(devs: List[Device]) -> None:
-    """A device whose netdev has addresses or routes is 'active' (in use)."""
-    names = [d.interface for d in devs if d.interface]
-    if not names:
-        return
-    from sriov_hook.netlink import Netlink  # only when there is something to ask
-    with Netlink() as nl:
+    """A device whose netdev has routes or addresses is 'active' (in use)."""
+    if any(d.interface for d in devs):
+        routed = _routed_ifaces()
         for d in devs:
-            link = nl.link(d.interface) if d.interface else None
-            if link is not None:
-                d.active = bool(nl.global_addrs(link.index) or nl.routes_via(link.index))
+            d.active = bool(d.interface) and (d.interface in routed or _has_ipv4(d.interface))
 
 
 class Binder:
@@ -92,7 +135,7 @@ class Binder:
                                f"{', '.join(drivers.USERSPACE_DRIVERS)})")
         if not drivers.driver_present(self.fs, driver):
             raise DevbindError(f"driver {driver} is not loaded (modprobe {driver})")
-        dev = [d for d in network_devices(self.fs) if d.pci == bdf]
+        dev = [d for d in (device(self.fs, bdf),) if d is not None]
         if dev and not force:
             mark_active(dev)
             if dev[0].active:

@@ -37,10 +37,46 @@ def status(ctx: Ctx) -> Dict[str, Any]:
                 "vf_index": cand.index, "pool": pool.name, "mode": pool.mode,
                 "netdev": ctx.sysfs.netdev(cand.bdf) or (res.host_ifname if res else None),
                 "driver": ctx.sysfs.driver(cand.bdf), "state": state,
+                "iommu_group": ctx.sysfs.iommu_group(cand.bdf),
                 "owner": res.owner if res else None,
                 "interface": res.ifname if res else None,
             })
     return {"vfs": rows}
+
+
+def setup(ctx: Ctx) -> List[str]:
+    """Enable the VFs the config asks for (``numvfs``), PF by PF.
+
+    The kernel only accepts a new non-zero count from zero, so a change goes
+    through 0, which destroys the PF's VFs: refused while any is reserved.
+    """
+    from .pci import PfSelector
+    from .util import wait_for
+    done = []
+    for pf_name, want in ctx.cfg.numvfs.items():
+        pf, _ = ctx.inventory.resolve_pf(PfSelector(pf_name))
+        total = ctx.sysfs.totalvfs(pf)
+        if want > total:
+            raise HookError(f"PF {pf_name} supports {total} VFs (sriov_totalvfs); "
+                            f"the config asks for {want}")
+        have = ctx.sysfs.numvfs(pf)
+        if have == want:
+            done.append(f"{pf_name}: {want} VFs (unchanged)")
+            continue
+        held = [b for b in ctx.store.bdfs() if ctx.sysfs.physfn(b) == pf]
+        if held:
+            raise HookError(f"PF {pf_name}: VF {held[0]} is reserved; release it before "
+                            f"changing the VF count")
+        path = ctx.sysfs.dev(pf, "sriov_numvfs")
+        if have:
+            ctx.sysfs.write(path, "0")
+        ctx.sysfs.write(path, str(want))
+        last = ctx.sysfs.virtfn(pf, want - 1) if want else None
+        if want and wait_for(lambda: ctx.sysfs.virtfn(pf, want - 1), ctx.cfg.device_timeout) is None:
+            raise HookError(f"PF {pf_name}: VF {want - 1} did not appear")
+        ctx.log.info(f"setup: PF {pf_name} ({pf}) now has {want} VFs (was {have}); last {last}")
+        done.append(f"{pf_name}: {want} VFs (was {have})")
+    return done
 
 
 def format_status(data: Dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ from typing import List, Optional
 from .errors import HookError, UsageError
 
 STAGES = {"prestart": "prestart", "createRuntime": "prestart", "poststop": "poststop"}
-COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "check", "cdi", "version")
+COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "check", "setup", "cdi",
+            "version")
 USAGE = """usage: sriov-hook [--config PATH] COMMAND
 
 commands:
@@ -25,6 +26,7 @@ commands:
   status [--json]            every VF the config covers, free or reserved
   gc                         release reservations whose owner is gone
   check                      report every inconsistency, change nothing (exit 1 if any)
+  setup                      enable the VFs the config's numvfs asks for (sriov_numvfs)
   cdi [--output PATH] [--prebind] [--hook PATH]
                              write a CDI spec for the vfio pools (default /var/run/cdi/)
 
@@ -182,6 +184,10 @@ def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
     if cmd == "status":
         data = admin.status(ctx)
         print(json.dumps(data, indent=2) if "--json" in opts else admin.format_status(data))
+        return 0
+    if cmd == "setup":
+        for line in admin.setup(ctx):
+            print(line)
         return 0
     if cmd == "check":
         problems = admin.check(ctx)

@@ -22,7 +22,7 @@ DEFAULT_ALLOW = ("mac", "mtu")
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _TOP_KEYS = {"sysfs_root", "state_dir", "log_file", "log_level", "lock_timeout",
              "device_timeout", "pools", "vfio_dev_dir", "allow_noiommu", "cgroup_root",
-             "hugepages_root"}
+             "hugepages_root", "numvfs"}
 _POOL_KEYS = {"name", "pfs", "mode", "vlan", "qos", "mtu", "spoofchk", "trust",
               "min_tx_rate", "max_tx_rate", "link_state", "allow", "vlans",
               "max_per_container", "driver", "hugepages", "hugepage_size"}
@@ -78,6 +78,7 @@ class Config:
     allow_noiommu: bool = False
     cgroup_root: str = "/sys/fs/cgroup"
     hugepages_root: Optional[str] = None   # default: sysfs_root
+    numvfs: Dict[str, int] = field(default_factory=dict)   # PF -> VFs for 'sriov-hook setup'
     pools: Dict[str, Pool] = field(default_factory=dict)
 
     def pool(self, name: str) -> Pool:
@@ -213,6 +214,20 @@ def _build(raw: Any, path: str) -> Config:
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val <= 300:
                 raise c.fail(key, "must be a number of seconds in (0, 300]")
             kw[key] = float(val)
+    if "numvfs" in raw:
+        nv = raw["numvfs"]
+        if not isinstance(nv, dict):
+            raise c.fail("numvfs", "must map PF names or PCI addresses to VF counts")
+        out: Dict[str, int] = {}
+        for pf, n in nv.items():
+            try:
+                sel = parse_selector(pf)
+            except ValueError as err:
+                raise c.fail(f"numvfs.{pf}", str(err)) from None
+            if sel.ranges is not None:
+                raise c.fail(f"numvfs.{pf}", "takes a PF, not a VF range")
+            out[sel.pf] = _int_in(c, f"numvfs.{pf}", n, 0, 4096)
+        kw["numvfs"] = out
     pools_raw = raw.get("pools")
     if not isinstance(pools_raw, list) or not pools_raw:
         raise c.fail("pools", "must be a non-empty list")

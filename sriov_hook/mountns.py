@@ -33,6 +33,9 @@ def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
     """Fork, enter ``pid``'s mount namespace, run ``action``; raise its error here."""
     try:
         nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        # setns(CLONE_NEWNS) resets our root to the namespace's root; the
+        # runtime may itself run chrooted, so take the process's own root.
+        rootfd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
         raise MountNsError(f"cannot open mount namespace of pid {pid}: {err.strerror}") from None
     rfd, wfd = os.pipe()
@@ -44,6 +47,8 @@ def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.setns(nsfd, CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns")
+            os.fchdir(rootfd)
+            os.chroot(".")
             action()
         except BaseException as err:  # noqa: BLE001 - report anything to the parent
             msg = f"{err.strerror}: {err.filename or ''}" if isinstance(err, OSError) else str(err)
@@ -52,6 +57,7 @@ def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
         os._exit(code)
     os.close(wfd)
     os.close(nsfd)
+    os.close(rootfd)
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..reservations import Reservation
 
 INFO_DIR = "/run/sriov-hook"
+INFO_FALLBACK = "/dev/sriov-hook"
 HUGE_DIR = "/dev/hugepages"
 
 
@@ -104,16 +105,18 @@ class DpdkMode(Mode):
             try:
                 os.makedirs(run, exist_ok=True)
             except OSError:
-                # A read-only rootfs without /run/sriov-hook: put a tmpfs on
-                # /run if the image keeps nothing there.
+                # A read-only rootfs without /run/sriov-hook: a tmpfs on /run
+                # if the image keeps nothing there, else the runtime's own
+                # writable /dev tmpfs (/dev/sriov-hook).
                 base = in_ns_root + "/run"
-                if os.path.isdir(base) and os.listdir(base):
-                    raise
-                os.makedirs(base, exist_ok=True)
-                mountns.mount("tmpfs", base, "tmpfs",
-                              mountns.MS_NOSUID | mountns.MS_NODEV | mountns.MS_NOEXEC,
-                              "size=64k,mode=755")
-                os.makedirs(run)
+                if os.path.isdir(base) and not os.listdir(base):
+                    mountns.mount("tmpfs", base, "tmpfs",
+                                  mountns.MS_NOSUID | mountns.MS_NODEV | mountns.MS_NOEXEC,
+                                  "size=64k,mode=755")
+                    os.makedirs(run)
+                else:
+                    run = in_ns_root + INFO_FALLBACK
+                    os.makedirs(run, exist_ok=True)
             if not os.path.ismount(run):
                 mountns.mount("tmpfs", run, "tmpfs",
                               mountns.MS_NOSUID | mountns.MS_NODEV | mountns.MS_NOEXEC,
