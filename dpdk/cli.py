@@ -56,10 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-class _Args(argparse.Namespace):
-    pass
-
-
 def _paths(args: argparse.Namespace) -> "tuple[str, str]":
     sysfs_root, state_dir = "/sys", DEFAULT_STATE
     if args.config:

@@ -71,10 +71,9 @@ def setup(ctx: Ctx) -> List[str]:
         if have:
             ctx.sysfs.write(path, "0")
         ctx.sysfs.write(path, str(want))
-        last = ctx.sysfs.virtfn(pf, want - 1) if want else None
         if want and wait_for(lambda: ctx.sysfs.virtfn(pf, want - 1), ctx.cfg.device_timeout) is None:
             raise HookError(f"PF {pf_name}: VF {want - 1} did not appear")
-        ctx.log.info(f"setup: PF {pf_name} ({pf}) now has {want} VFs (was {have}); last {last}")
+        ctx.log.info(f"setup: PF {pf_name} ({pf}) now has {want} VFs (was {have})")
         done.append(f"{pf_name}: {want} VFs (was {have})")
     return done
 

@@ -153,11 +153,10 @@ def _new_record(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
 
 
 def release(ctx: Ctx, res: Reservation, reason: str) -> bool:
-    """Detach and delete one reservation under its VF lock.
+    """Detach and delete one reservation under its VF lock; True when released.
 
-    Returns True when released. Failures are logged and re-raised only for
-    poststop/gc callers via ``strict``; rollback must never mask the error
-    that caused it.
+    Failures are logged; they are re-raised for poststop and gc, but not for
+    a rollback, which must never mask the error that caused it.
     """
     try:
         with ctx.store.lock(res.bdf, ctx.cfg.lock_timeout):

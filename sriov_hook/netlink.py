@@ -60,7 +60,6 @@ IPRoute, _PyNetlinkError = _import_rtnl()
 
 from .errors import DeviceBusy, LinkExists, LinkNotFound, NetlinkError, NotSupported
 from .netns import enter_netns
-from .util import wait_for  # noqa: F401  (re-exported for modes)
 
 IFF_UP = 0x1
 RTEXT_FILTER_VF = 1

@@ -317,3 +317,22 @@ def test_create_runtime_alias_and_console_script(sim: Sim) -> None:
 def test_unknown_command_and_usage(sim: Sim) -> None:
     one_line_error(sim.hook("explode"), "unknown command")
     assert nsfs_mounts() == nsfs_mounts()
+
+
+def test_setup_checks_before_touching_sriov_numvfs(sim: Sim) -> None:
+    from tests import simhost
+    pf = sim.host.nics[0].pf
+    numvfs = os.path.join(sim.host.sysfs_root, "bus/pci/devices", sim.host.nics[0].pf_bdf,
+                          "sriov_numvfs")
+    simhost.write_config(sim.host, extra={"numvfs": {pf: 4}})
+    r = sim.hook("setup")
+    assert r.rc == 0 and "4 VFs (unchanged)" in r.stdout
+    simhost.write_config(sim.host, extra={"numvfs": {pf: 99}})
+    one_line_error(sim.hook("setup"), "supports 8 VFs (sriov_totalvfs); the config asks for 99")
+    ns = sim.netns()
+    simhost.write_config(sim.host, extra={"numvfs": {pf: 2}})
+    assert sim.prestart("s", sim.bundle("fast", ns)).rc == 0
+    one_line_error(sim.hook("setup"), "is reserved; release it before changing the VF count")
+    assert open(numvfs).read().strip() == "4"
+    assert sim.poststop("s").rc == 0
+    sim.assert_clean()

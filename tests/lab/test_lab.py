@@ -251,7 +251,7 @@ def test_5_kata_mode_runtime_binds_and_hook_repairs(lab: Dict[str, Any]) -> None
         # it leaves driver_override set.
         with open(f"{SYS}/{bdf}/driver_override", "w") as fh:
             fh.write("vfio-pci")
-        with open(f"/sys/bus/pci/drivers/igbvf/unbind", "w") as fh:
+        with open("/sys/bus/pci/drivers/igbvf/unbind", "w") as fh:
             fh.write(bdf)
         with open("/sys/bus/pci/drivers_probe", "w") as fh:
             fh.write(bdf)
