@@ -28,8 +28,11 @@ import initramfs  # noqa: E402
 
 def qemu_cmd(accel: str, kernel: str, initrd: str, append: str) -> List[str]:
     cpu = "max" if accel == "tcg" else "host"
-    return [
-        "qemu-system-x86_64",
+    # LAB_QEMU_TRACE=igb_* writes QEMU's trace events to lab/cache/qemu-trace.log.
+    trace = os.environ.get("LAB_QEMU_TRACE")
+    extra = ["-trace", f"enable={trace},file={os.path.join(CACHE, 'qemu-trace.log')}"] \
+        if trace else []
+    return ["qemu-system-x86_64"] + extra + [
         "-accel", "tcg,thread=multi" if accel == "tcg" else "kvm",
         "-cpu", cpu, "-m", "2048", "-smp", "2",
         "-machine", "q35,kernel-irqchip=split",
