@@ -1,6 +1,8 @@
 #!/bin/sh
 # Runs inside the lab guest, chrooted into the host's / (see lab/initramfs.py).
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root SRIOV_LAB=1
+export TMPDIR=/run/sriov-lab-tmp
+mkdir -p "$TMPDIR"
 out=lab/cache/results
 mkdir -p "$out"
 case " $(cat /proc/cmdline) " in *" sriov_lab_probe=1 "*) exit 0;; esac

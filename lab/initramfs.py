@@ -35,11 +35,12 @@ for d in proc sys dev; do mount --rbind /$d /host/$d; done
 # cgroup v1, as this project's hosts use (runc/podman with devices.allow).
 mount -t tmpfs -o mode=755 cgroup /host/sys/fs/cgroup
 for c in $(awk 'NR>1 && $4==1 {print $1}' /proc/cgroups); do
-  mkdir -p /host/sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /host/sys/fs/cgroup/$c
+  mkdir -p /host/sys/fs/cgroup/$c
+  mount -t cgroup -o $c cgroup /host/sys/fs/cgroup/$c 2>/dev/null || rmdir /host/sys/fs/cgroup/$c
 done
-# Guest-private scratch space: nothing the guest runs may write the host's /run or /tmp.
+# Guest-private /run (runc state, netns, pins). /tmp stays the host's: the
+# project may live there; the tests get TMPDIR under /run (lab/guest.sh).
 mount -t tmpfs -o mode=755 tmpfs /host/run
-mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mkdir -p /host/dev/hugepages /host/run/netns
 echo "SRIOV-LAB: running tests in $project"
 case " $(cat /proc/cmdline) " in *" sriov_lab_probe=1 "*) poweroff -f;; esac
