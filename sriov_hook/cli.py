@@ -108,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         signal.signal(signal.SIGTERM, _on_term)
         signal.signal(signal.SIGINT, _on_term)
+        _admit(cmd)  # its fd stays open, and the flock held, until this process exits
         from . import config as cfgmod
         from .context import Ctx
         from .log import StepLog
@@ -133,6 +134,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if log is not None:
             log.close()
+
+
+def _admit(cmd: str) -> Optional[int]:
+    """Stages wait for a CPU slot before their heavy imports (admission.py).
+
+    SRIOV_HOOK_MAX_PARALLEL: slots (default: usable CPUs + 1, since a slot
+    holder sleeps in the kernel's netns-move RCU wait); -1 turns it off.
+    The fd stays open, and the flock held, until the process exits.
+    """
+    if cmd not in STAGES:
+        return None
+    try:
+        slots = int(os.environ.get("SRIOV_HOOK_MAX_PARALLEL", "0"))
+    except ValueError:
+        slots = 0
+    if slots < 0:
+        return None
+    from .admission import acquire
+    return acquire(slots or len(os.sched_getaffinity(0)) + 1, timeout=10.0)
 
 
 def _installed_hook() -> str:

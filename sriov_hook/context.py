@@ -48,3 +48,4 @@ class Ctx:
         if self._host_fd is not None:
             os.close(self._host_fd)
             self._host_fd = None
+
