@@ -354,27 +354,35 @@ def test_7_bad_hardware_states(lab: Dict[str, Any]) -> None:
 
 
 def test_8_bind_speed_vs_dpdk_devbind(lab: Dict[str, Any]) -> None:
-    """bind to vfio-pci + unbind back to igbvf, sriov-dpdk vs dpdk-devbind.py."""
+    """bind to vfio-pci, then unbind back to igbvf: sriov-dpdk vs dpdk-devbind.py.
+
+    Timed per phase: the unbind is dominated by the kernel's igbvf probe,
+    which in this emulator waits out its failing reset handshake for both
+    tools alike (docs/lab.md).
+    """
     bdf = vf(PF0, 1)
     dpdk = [sys.executable, "-m", "dpdk", "--state-dir", f"{lab['base']}/dpdk"]
 
-    def timed(cmds: List[List[str]]) -> float:
+    def timed(cmd: List[str]) -> float:
         t = time.perf_counter()
-        for c in cmds:
-            p = subprocess.run(c, capture_output=True, text=True, cwd=ROOT)
-            assert p.returncode == 0, (c, p.stdout, p.stderr)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, (cmd, p.stdout, p.stderr)
         return time.perf_counter() - t
-    ours, theirs = [], []
+    runs: Dict[str, List[float]] = {k: [] for k in ("ours_bind", "ours_unbind",
+                                                    "devbind_bind", "devbind_unbind")}
     for _ in range(3):
-        ours.append(timed([dpdk + ["bind", "vfio-pci", bdf], dpdk + ["unbind", bdf]]))
+        runs["ours_bind"].append(timed(dpdk + ["bind", "vfio-pci", bdf]))
+        runs["ours_unbind"].append(timed(dpdk + ["unbind", bdf]))
         assert driver(bdf) == "igbvf"
-        theirs.append(timed([["dpdk-devbind.py", "-b", "vfio-pci", bdf],
-                             ["dpdk-devbind.py", "-b", "igbvf", bdf]]))
+        runs["devbind_bind"].append(timed(["dpdk-devbind.py", "-b", "vfio-pci", bdf]))
+        runs["devbind_unbind"].append(timed(["dpdk-devbind.py", "-b", "igbvf", bdf]))
         assert driver(bdf) == "igbvf"
-    ours.sort()
-    theirs.sort()
-    res = {"sriov_dpdk_s": ours[1], "dpdk_devbind_s": theirs[1], "ratio": theirs[1] / ours[1],
-           "runs": 3}
+    med = {k: sorted(v)[1] for k, v in runs.items()}
+    res = {**{f"{k}_s": round(v, 3) for k, v in med.items()},
+           "sriov_dpdk_s": med["ours_bind"] + med["ours_unbind"],
+           "dpdk_devbind_s": med["devbind_bind"] + med["devbind_unbind"],
+           "bind_ratio": med["devbind_bind"] / med["ours_bind"], "runs": 3}
+    res["ratio"] = res["dpdk_devbind_s"] / res["sriov_dpdk_s"]
     with open(os.path.join(RESULTS, "bench-dpdk.json"), "w") as fh:
         json.dump(res, fh)
     assert res["ratio"] > 1
