@@ -179,6 +179,7 @@ def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
     assert isinstance(ctx, Ctx)
     if cmd in STAGES:
         from . import hook, oci
+        forced = _forced_request(opts)   # usage errors before reading stdin
         state = oci.parse_state(sys.stdin.buffer.read())
         ctx.log.bind(state.id)
         ctx.log.info(f"{cmd}: bundle={state.bundle} pid={state.pid} status={state.status!r}")
@@ -186,7 +187,7 @@ def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
             container = oci.load_container(state)
             ctx.container = container
             ctx.inject_nodes = "--inject-nodes" in opts
-            hook.prestart(ctx, container, _forced_request(opts))
+            hook.prestart(ctx, container, forced)
         else:
             hook.poststop(ctx, state)
         ctx.log.info(f"{cmd}: done")

@@ -315,8 +315,13 @@ def test_create_runtime_alias_and_console_script(sim: Sim) -> None:
 
 
 def test_unknown_command_and_usage(sim: Sim) -> None:
+    before = nsfs_mounts()
     one_line_error(sim.hook("explode"), "unknown command")
-    assert nsfs_mounts() == nsfs_mounts()
+    one_line_error(sim.hook("status", "--bogus"), "unexpected argument")
+    one_line_error(sim.hook("prestart", "--vf", "0000:10:10.0", state={}), "--vf needs --pool")
+    r = sim.hook("--help")
+    assert r.rc == 0 and "usage: sriov-hook" in r.stdout
+    assert nsfs_mounts() == before and sim.records() == []
 
 
 def test_setup_checks_before_touching_sriov_numvfs(sim: Sim) -> None:
