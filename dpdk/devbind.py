@@ -66,27 +66,22 @@ def _routed_ifaces() -> set:
     bind as cheap as a few sysfs writes.
     """
     names = set()
-    try:
-        with open("/proc/net/route") as fh:
-            next(fh, None)
-            names.update(line.split()[0] for line in fh if line.strip())
-    except OSError:
-        pass
-    for path, col in (("/proc/net/ipv6_route", -1), ("/proc/net/if_inet6", -1)):
-        try:
-            with open(path) as fh:
-                for line in fh:
-                    parts = line.split()
-                    if not parts:
-                        continue
-                    if path.endswith("if_inet6"):
-                        if parts[3] == "00":   # global scope only
-                            names.add(parts[col])
-                    elif not parts[0].startswith(("fe80", "ff00")) and parts[col] != "lo":
-                        names.add(parts[col])
-        except OSError:
-            pass
+    # /proc/net/route: header, then "<iface> <dest> ..."
+    names.update(row[0] for row in _rows("/proc/net/route")[1:])
+    # ipv6_route: "<dest> ... <iface>"; skip link-local and multicast routes
+    names.update(row[-1] for row in _rows("/proc/net/ipv6_route")
+                 if not row[0].startswith(("fe80", "ff00")) and row[-1] != "lo")
+    # if_inet6: "<addr> <ifindex> <prefix> <scope> <flags> <iface>"; global scope only
+    names.update(row[-1] for row in _rows("/proc/net/if_inet6") if row[3] == "00")
     return names
+
+
+def _rows(path: str) -> List[List[str]]:
+    try:
+        with open(path) as fh:
+            return [line.split() for line in fh if line.strip()]
+    except OSError:
+        return []
 
 
 def _has_ipv4(ifname: str) -> bool:

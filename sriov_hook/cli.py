@@ -11,9 +11,12 @@ import json
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from .errors import HookError, UsageError
+
+if TYPE_CHECKING:
+    from .context import Ctx
 
 STAGES = {"prestart": "prestart", "createRuntime": "prestart", "poststop": "poststop"}
 COMMANDS = ("prestart", "createRuntime", "poststop", "status", "gc", "check", "setup", "cdi",
@@ -174,9 +177,7 @@ def _forced_request(opts: List[str]) -> Optional[str]:
     return json.dumps([entry])
 
 
-def _run(ctx: "object", cmd: str, opts: List[str]) -> int:
-    from .context import Ctx
-    assert isinstance(ctx, Ctx)
+def _run(ctx: "Ctx", cmd: str, opts: List[str]) -> int:
     if cmd in STAGES:
         from . import hook, oci
         forced = _forced_request(opts)   # usage errors before reading stdin

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
-from .errors import ConfigError
+from .errors import ConfigError, UnknownPool
 from .pci import PfSelector, parse_selector
 
 DEFAULT_PATH = "/etc/sriov-hook/config.yaml"
@@ -82,7 +82,6 @@ class Config:
     pools: Dict[str, Pool] = field(default_factory=dict)
 
     def pool(self, name: str) -> Pool:
-        from .errors import UnknownPool
         try:
             return self.pools[name]
         except KeyError:

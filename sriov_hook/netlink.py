@@ -168,13 +168,6 @@ class Netlink:
             return None
         return self._link(msgs[0])
 
-    def link_by_index(self, index: int) -> Optional[Link]:
-        try:
-            msgs = self._call(f"get link #{index}", self._ipr.link, "get", index=index)
-        except LinkNotFound:
-            return None
-        return self._link(msgs[0])
-
     def links(self) -> Iterator[Link]:
         for msg in self._call("dump links", self._ipr.link, "dump"):
             yield self._link(msg)

@@ -63,9 +63,7 @@ def _verify(nl: Netlink, pf_index: int, vf: int, attrs: Dict[str, Any]) -> None:
     deadline = time.monotonic() + _VERIFY_TIMEOUT
     while True:
         info = nl.vf_info(pf_index, vf)
-        wrong = [k for k, v in attrs.items()
-                 if info is None or _current(info, k) != v
-                 and not (k == "mac" and str(_current(info, k)).lower() == str(v).lower())]
+        wrong = [k for k, v in attrs.items() if info is None or _current(info, k) != v]
         if not wrong:
             return
         if time.monotonic() >= deadline:

@@ -83,9 +83,6 @@ class Sysfs:
         finally:
             os.close(fd)
 
-    def exists(self, path: str) -> bool:
-        return os.path.lexists(path)
-
     @staticmethod
     def _translate(err: OSError, what: str, path: str) -> SysfsError:
         why = err.strerror or str(err)
@@ -123,12 +120,6 @@ class Sysfs:
 
     def physfn(self, vf: str) -> Optional[str]:
         return self.readlink_base(self.dev(vf, "physfn"))
-
-    def vf_index(self, pf: str, vf: str) -> Optional[int]:
-        for name in self.listdir(self.dev(pf)):
-            if name.startswith("virtfn") and self.readlink_base(self.dev(pf, name)) == vf:
-                return int(name[len("virtfn"):])
-        return None
 
     def driver(self, bdf: str) -> Optional[str]:
         return self.readlink_base(self.dev(bdf, "driver"))

@@ -5,10 +5,12 @@ so a failing test leaves nothing behind and parallel runs never collide.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -66,6 +68,38 @@ def addrs(name: str, netns: Optional[str] = None) -> List[str]:
 def nsfs_mounts() -> List[str]:
     with open("/proc/self/mountinfo") as fh:
         return [line.split()[4] for line in fh if " - nsfs " in line]
+
+
+def start_netns_process(seconds: int = 600) -> subprocess.Popen:
+    """A stand-in container: a process in a network namespace of its own.
+
+    Returns only once the process is really in its new netns; before that
+    its /proc/<pid>/ns/net is still the host's, which the hook refuses.
+    """
+    proc = subprocess.Popen(["unshare", "--net", "sleep", str(seconds)])
+    host = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/net") != host:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError("unshare --net did not enter a new network namespace")
+
+
+@contextlib.contextmanager
+def netns_process() -> Iterator[subprocess.Popen]:
+    """start_netns_process(), killed on the way out whatever happens."""
+    proc = start_netns_process()
+    try:
+        yield proc
+    finally:
+        proc.kill()   # a no-op if the test already killed and reaped it
+        proc.wait()
 
 
 class Sim:

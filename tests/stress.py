@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 
 from sriov_hook import faults  # noqa: E402
 from tests import corpus, invariants, simhost  # noqa: E402
-from tests.conftest import Sim  # noqa: E402
+from tests.conftest import Sim, start_netns_process  # noqa: E402
 from tests.kernelsim import KernelSim  # noqa: E402
 
 
@@ -82,13 +82,9 @@ class Fleet:
         self.bundles: Dict[str, str] = {}
 
     def start(self, cid: str, annotation: str = "fast") -> Dict[str, Any]:
-        p = subprocess.Popen(["unshare", "--net", "sleep", "3600"])
+        p = start_netns_process(3600)
         self.procs[cid] = p
         self.bundles[cid] = self.sim.bundle(annotation)
-        for _ in range(200):   # unshare must have entered its netns
-            if os.readlink(f"/proc/{p.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
-                break
-            time.sleep(0.005)
         return {"ociVersion": "1.0.2", "id": cid, "status": "creating", "pid": p.pid,
                 "bundle": self.bundles[cid]}
 

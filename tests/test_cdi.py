@@ -30,7 +30,6 @@ def csim(make_sim: Callable[..., Sim]) -> Iterator[Tuple[Sim, KernelSim, str]]:
     yield sim, ks, pool
     if os.path.exists(spec):
         os.unlink(spec)
-    sim.hook("cdi", "--output", os.path.join(sim.tmp, "unused.json"))
     ks.stop()
 
 

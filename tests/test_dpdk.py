@@ -149,9 +149,10 @@ def test_real_kernel_hugepages_agree_with_dpdk_tools() -> None:
             pytest.skip("kernel could not spare 2 hugepages")
         assert p.returncode == 0, p.stderr
         show = subprocess.run(["dpdk-hugepages.py", "--show"], capture_output=True, text=True)
-        total_pages = before + 2
-        assert f"{total_pages * 2}" in show.stdout.replace(" ", "") or \
-            f"{total_pages}" in show.stdout, show.stdout
+        # "Node Pages Size Total" rows, e.g. "0    2     2Mb    4Mb"
+        rows = [line.split() for line in show.stdout.splitlines()[1:] if line.strip()]
+        pages_2m = sum(int(r[1]) for r in rows if len(r) == 4 and r[2] == "2Mb")
+        assert pages_2m == before + 2, show.stdout
         mnt = f"/tmp/sriov-huge-{uuid.uuid4().hex[:6]}"
         p = subprocess.run([sys.executable, "-m", "dpdk", "hugepages", "mount", mnt],
                            capture_output=True, text=True, cwd=ROOT)

@@ -5,12 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 from typing import List
 
 import pytest
 
-from tests.conftest import Sim, addrs, link_info, nsfs_mounts
+from tests.conftest import Sim, addrs, link_info, netns_process, nsfs_mounts
 
 pytestmark = pytest.mark.root
 
@@ -69,17 +68,12 @@ def test_short_form_two_interfaces(sim: Sim) -> None:
 def test_pid_netns_is_pinned_after_the_container_dies(sim: Sim) -> None:
     # The container's netns comes from /proc/<pid>/ns/net; after its last
     # process exits only our pin keeps the netns (and the veth VF) alive.
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "60"])
-    try:
-        time.sleep(0.2)
+    with netns_process() as proc:
         r = sim.prestart("c3", sim.bundle('[{"pool":"fast","ips":["10.9.1.2/24"]}]'), pid=proc.pid)
         assert r.rc == 0, r.stderr
         out = subprocess.run(["nsenter", "-t", str(proc.pid), "-n", "ip", "-o", "addr", "show",
                               "net1"], capture_output=True, text=True)
         assert "10.9.1.2/24" in out.stdout
-    finally:
-        proc.kill()
-        proc.wait()
     assert sim.poststop("c3").rc == 0
     sim.assert_clean()
 
@@ -254,15 +248,14 @@ def test_prestart_twice_for_same_container_is_refused(sim: Sim) -> None:
 
 
 def test_gc_reclaims_dead_owner_and_orphan_pins(sim: Sim) -> None:
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "60"])
-    time.sleep(0.2)
-    assert sim.prestart("g", sim.bundle("fast"), pid=proc.pid).rc == 0
-    r = sim.hook("gc")
-    assert r.rc == 0 and "released=0" in r.stdout  # owner alive: untouched
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    r = sim.hook("gc")
-    assert r.rc == 0 and "released=1" in r.stdout, r.stdout + r.stderr
+    with netns_process() as proc:
+        assert sim.prestart("g", sim.bundle("fast"), pid=proc.pid).rc == 0
+        r = sim.hook("gc")
+        assert r.rc == 0 and "released=0" in r.stdout  # owner alive: untouched
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        r = sim.hook("gc")
+        assert r.rc == 0 and "released=1" in r.stdout, r.stdout + r.stderr
     sim.assert_clean()
 
 

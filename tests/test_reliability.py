@@ -7,14 +7,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import subprocess
 import time
 from typing import Callable
 
 import pytest
 
 from tests import simhost, stress
-from tests.conftest import Sim
+from tests.conftest import Sim, netns_process
 from tests.test_netdev import one_line_error
 
 pytestmark = pytest.mark.root
@@ -100,11 +99,8 @@ def test_torn_record_is_reported_not_reused(sim: Sim) -> None:
 
 def test_check_reports_and_changes_nothing(sim: Sim) -> None:
     assert sim.hook("check").rc == 0
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "60"])
-    time.sleep(0.2)
-    assert sim.prestart("c", sim.bundle("fast"), pid=proc.pid).rc == 0
-    proc.kill()
-    proc.wait()
+    with netns_process() as proc:
+        assert sim.prestart("c", sim.bundle("fast"), pid=proc.pid).rc == 0
     stray = os.path.join(sim.host.state_dir, "netns", "0000:99:00.0")
     open(stray, "w").close()
     with open(os.path.join(sim.host.sysfs_root, "bus/pci/devices", sim.vfs[2].bdf,
@@ -127,9 +123,7 @@ def test_check_reports_and_changes_nothing(sim: Sim) -> None:
 
 def test_gc_ignores_reused_pid(sim: Sim) -> None:
     # Record with a live pid but a different start time: the pid was reused.
-    proc = subprocess.Popen(["unshare", "--net", "sleep", "60"])
-    try:
-        time.sleep(0.2)
+    with netns_process() as proc:
         assert sim.prestart("p", sim.bundle("fast"), pid=proc.pid).rc == 0
         path = os.path.join(sim.host.state_dir, "reservations", f"{sim.vfs[0].bdf}.json")
         rec = json.load(open(path))
@@ -138,9 +132,6 @@ def test_gc_ignores_reused_pid(sim: Sim) -> None:
         with open(path, "w") as fh:
             json.dump(rec, fh)
         assert "released=1" in sim.hook("gc").stdout
-    finally:
-        proc.kill()
-        proc.wait()
     sim.assert_clean()
 
 
