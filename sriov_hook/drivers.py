@@ -126,6 +126,26 @@ def restore(sysfs: Sysfs, bdf: str, driver: Optional[str], timeout: float = 5.0)
     _clear_override(sysfs, bdf)
 
 
+def reprobe(sysfs: Sysfs, bdf: str, driver: str, timeout: float = 5.0) -> None:
+    """Unbind ``bdf`` from ``driver`` and probe it again (a driver reload for
+    one device: igbvf then asks its PF for the admin MAC)."""
+    override = sysfs.driver_override(bdf)
+    if override not in (None, driver):
+        raise BindError(f"{bdf} has driver_override {override!r}: a probe would not "
+                        f"return it to {driver}")
+    if sysfs.driver(bdf) == driver:
+        sysfs.write(sysfs.driver_dir(driver, "unbind"), bdf)
+        # The kernel unbinds before the write returns; waiting for it costs
+        # one readlink there, and keeps a stale "still bound" from passing
+        # for "bound again" below.
+        if wait_for(lambda: True if sysfs.driver(bdf) is None else None, timeout) is None:
+            raise BindError(f"{bdf} did not leave {driver} within {timeout:g}s")
+    sysfs.write(os.path.join(sysfs.root, "bus/pci/drivers_probe"), bdf)
+    if wait_for(lambda: True if sysfs.driver(bdf) == driver else None, timeout) is None:
+        raise BindError(f"{bdf} did not come back to {driver} within {timeout:g}s "
+                        f"(driver now: {sysfs.driver(bdf)})")
+
+
 def _clear_override(sysfs: Sysfs, bdf: str) -> None:
     if sysfs.driver_override(bdf) is not None:
         sysfs.write(sysfs.dev(bdf, "driver_override"), "\n")

@@ -90,5 +90,19 @@ class DeviceBusy(NetlinkError):
     pass
 
 
+class Refused(NetlinkError):
+    """The driver refused the change (EPERM, EACCES, EADDRNOTAVAIL): e.g. igb
+    refusing a VF's own MAC change while the PF holds an admin MAC for it."""
+
+
+class InvalidArgument(NetlinkError):
+    """The driver rejected a value (EINVAL, ERANGE)."""
+
+
+class PfGone(HookError):
+    """A VF's PF (found by PCI address) has no netdev any more: its PF-side
+    settings cannot be read or restored, so the VF's record is kept."""
+
+
 class VerifyError(HookError):
     """A setting was accepted by the kernel but did not read back as written."""

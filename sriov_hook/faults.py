@@ -2,8 +2,13 @@
 
 ``SRIOV_HOOK_FAULT=<point>`` makes the hook SIGKILL itself when it reaches
 that point, exactly as runc or Kata kill a hook past its timeout. Recovery
-(the next poststop, or ``gc``) must then leave the host clean. Unset, a
-point costs one dict lookup.
+(the next poststop, prestart or ``gc``) must then leave the host clean.
+``SRIOV_HOOK_PAUSE=<point>`` makes it SIGSTOP itself there instead, so a
+test can run another hook in that exact window and then SIGCONT it.
+Unset, a point costs two dict lookups.
+
+Every journal step has two points, ``<kind>:recorded`` (written to disk,
+not yet done) and ``<kind>:done``; every undo has ``undo:<kind>``.
 """
 from __future__ import annotations
 
@@ -11,15 +16,24 @@ import os
 import signal
 
 ENV = "SRIOV_HOOK_FAULT"
+PAUSE_ENV = "SRIOV_HOOK_PAUSE"
 
-PRESTART = ("record_written", "pf_applied", "pinned", "moved", "configured", "bound",
-            "hugepages", "equipped", "attached")
-POSTSTOP = ("release_locked", "moved_home", "netdev_restored", "pf_restored",
-            "driver_restored", "unpinned", "record_deleted")
+# Keep in step with journal.KINDS (a test checks it).
+STEP_KINDS = ("vf_settings", "admin_mac", "reprobe", "netdev", "pin", "move",
+              "driver_guard", "bind", "hugepages")
+PRESTART = ("record_written",) + tuple(f"{k}:{when}" for k in STEP_KINDS
+                                       for when in ("recorded", "done")) \
+    + ("hugepages:claim_written", "hugepages:claim_undone") \
+    + ("configured", "equipped", "attached")
+POSTSTOP = ("release_locked", "hugepages:release_written") \
+    + tuple(f"undo:{k}" for k in reversed(STEP_KINDS)) + ("record_deleted",)
 RECORD = ("record_tmp_written",)
-ALL = PRESTART + POSTSTOP + RECORD
+GC = ("gc_records_done",)
+ALL = PRESTART + POSTSTOP + RECORD + GC
 
 
 def point(name: str) -> None:
     if os.environ.get(ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(PAUSE_ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -58,7 +58,8 @@ def _import_rtnl() -> "tuple[Any, Any]":
 
 IPRoute, _PyNetlinkError = _import_rtnl()
 
-from .errors import DeviceBusy, LinkExists, LinkNotFound, NetlinkError, NotSupported
+from .errors import (DeviceBusy, InvalidArgument, LinkExists, LinkNotFound, NetlinkError,
+                     NotSupported, Refused)
 from .netns import enter_netns
 
 IFF_UP = 0x1
@@ -101,10 +102,11 @@ class VfInfo:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "VfInfo":
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+        return cls(vf=int(data["vf"]), **{k: data.get(k) for k in cls.__dataclass_fields__
+                                          if k != "vf"})
 
 
-def _translate(err: _PyNetlinkError, what: str) -> NetlinkError:
+def _translate(err: Exception, what: str) -> NetlinkError:
     code = getattr(err, "code", 0) or 0
     text = os.strerror(code) if code else str(err)
     msg = f"{what}: {text}"
@@ -116,6 +118,10 @@ def _translate(err: _PyNetlinkError, what: str) -> NetlinkError:
         return NotSupported(msg, code)
     if code == _errno.EBUSY:
         return DeviceBusy(msg, code)
+    if code in (_errno.EPERM, _errno.EACCES, _errno.EADDRNOTAVAIL):
+        return Refused(msg, code)
+    if code in (_errno.EINVAL, _errno.ERANGE):
+        return InvalidArgument(msg, code)
     return NetlinkError(msg, code)
 
 
@@ -162,8 +168,14 @@ class Netlink:
 
     # -- links ---------------------------------------------------------------
     def link(self, name: str) -> Optional[Link]:
+        return self._get(f"get link {name}", ifname=name)
+
+    def link_by_index(self, index: int) -> Optional[Link]:
+        return self._get(f"get link #{index}", index=index)
+
+    def _get(self, what: str, **query: Any) -> Optional[Link]:
         try:
-            msgs = self._call(f"get link {name}", self._ipr.link, "get", ifname=name)
+            msgs = self._call(what, self._ipr.link, "get", **query)
         except LinkNotFound:
             return None
         return self._link(msgs[0])
@@ -208,25 +220,16 @@ class Netlink:
                 out.append(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
         return out
 
-    def add_route(self, dst: str, oif: int, gateway: Optional[str] = None) -> None:
+    def add_route(self, dst: str, oif: int, gateway: Optional[str] = None,
+                  replace: bool = False) -> None:
+        """Add a route; EEXIST (a route to ``dst`` exists) raises LinkExists
+        unless ``replace`` says to take its place."""
         kw: Dict[str, Any] = {"dst": dst, "oif": oif}
         if gateway:
             kw["gateway"] = gateway
-        try:
-            self._call(f"add route {dst}" + (f" via {gateway}" if gateway else ""),
-                       self._ipr.route, "add", **kw)
-        except LinkExists:
-            pass
-
-    def routes_via(self, index: int) -> int:
-        """How many routes in the main table use this link (dpdk-devbind's 'active')."""
-        n = 0
-        for family in (2, 10):
-            for msg in self._call(f"dump routes of #{index}", self._ipr.route, "dump",
-                                  family=family):
-                if msg.get_attr("RTA_OIF") == index and msg.get_attr("RTA_TABLE") == 254:
-                    n += 1
-        return n
+        self._call(f"{'replace' if replace else 'add'} route {dst}"
+                   + (f" via {gateway}" if gateway else ""),
+                   self._ipr.route, "replace" if replace else "add", **kw)
 
     # -- VFs, from the PF ---------------------------------------------------------
     def vf_info(self, pf_index: int, vf: int) -> Optional[VfInfo]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 from typing import Iterator, Optional, Tuple
 
 from .errors import NamespaceError
@@ -66,10 +67,20 @@ def is_pinned(path: str) -> bool:
         return False
 
 
+_DEFERRED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 @contextlib.contextmanager
 def enter_netns(fd: int) -> Iterator[None]:
-    """Run the body with this thread in the netns ``fd``; always come back."""
+    """Run the body with this thread in the netns ``fd``; always come back.
+
+    SIGTERM/SIGINT/SIGHUP are held back for the whole stay: the hook turns
+    them into an exception, and one raised between the setns() calls would
+    leave the thread (and the rollback it starts) in the container's netns.
+    They are delivered once the thread is home.
+    """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    masked = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
     try:
         if _c().setns(fd, CLONE_NEWNET) != 0:
             raise _fail("cannot enter network namespace")
@@ -81,6 +92,7 @@ def enter_netns(fd: int) -> Iterator[None]:
                 raise _fail("cannot return to the original network namespace")
     finally:
         os.close(home)
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
 
 
 def pin(source: str, target: str) -> None:
@@ -95,10 +107,10 @@ def pin(source: str, target: str) -> None:
     except OSError as err:
         raise NamespaceError(f"cannot create pin file {target}: {err.strerror}") from None
     if _c().mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
-        err = _fail(f"cannot pin network namespace {source} at {target}")
+        failure = _fail(f"cannot pin network namespace {source} at {target}")
         with contextlib.suppress(OSError):
             os.unlink(target)
-        raise err
+        raise failure
 
 
 def unpin(target: str) -> None:

@@ -12,6 +12,25 @@ from typing import Optional, Tuple
 from .reservations import Reservation
 
 _btime: Optional[float] = None
+_boot_id: Optional[str] = None
+
+
+def boot_id() -> str:
+    """This boot's identity: a record from another boot describes state
+    (pins, moves, driver bindings, hugepage increments) that is gone."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+                _boot_id = fh.read().decode().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def boot_time() -> float:
+    """When this boot began (seconds since the epoch)."""
+    return _boot_time()
 
 
 def _boot_time() -> float:
@@ -64,9 +83,22 @@ def netns_has_process(netns_id: Tuple[int, int]) -> bool:
     return False
 
 
+def netns_path_alive(path: str, netns_id: Tuple[int, int]) -> bool:
+    """The namespace file the spec named (e.g. /run/netns/x) still holds the
+    namespace the record was made for. (Our own pin keeps the namespace
+    alive, so the path, not the namespace, says whether its owner is.)"""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == tuple(netns_id)
+
+
 def owner_alive(res: Reservation) -> bool:
     if res.pid is not None:
         return pid_alive(res.pid, res.pid_start)
+    if res.netns_id is not None and res.netns and not res.netns.startswith("/proc/"):
+        return netns_path_alive(res.netns, res.netns_id)
     if res.netns_id is not None:
         return netns_has_process(res.netns_id)
     return False

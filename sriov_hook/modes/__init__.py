@@ -1,7 +1,7 @@
 """Mode handlers: how a reserved VF is handed to a container and taken back.
 
-Each handler has symmetrical ``attach``/``detach``; ``detach`` is idempotent
-and is also the rollback of a failed ``attach``.
+Each handler's ``attach`` is a composition of journal steps; release (and
+the rollback of a failed attach) is the journal replayed (hook.release).
 """
 from __future__ import annotations
 

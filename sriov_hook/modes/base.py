@@ -1,4 +1,10 @@
-"""The interface every mode handler implements."""
+"""The interface every mode implements.
+
+A mode only hands a VF over: ``attach`` is a short composition of journal
+steps (journal.py). Taking it back is the same for every mode: the
+journal replayed backwards (hook.release), so a mode never carries undo
+code of its own and rollback after a failed attach is the same replay.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -20,14 +26,10 @@ class Mode(ABC):
     def prepare(self, ctx: "Ctx", cand: "Candidate", res: "Reservation",
                 req: "NetworkRequest") -> Optional[str]:
         """Under the VF lock, before the record is written: check the VF is
-        usable and record its original state into ``res``. Returns a reason
+        usable and capture its original state into ``res``. Returns a reason
         to skip this VF, or None. Must not change anything."""
 
     @abstractmethod
     def attach(self, ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
                netns_fd: Optional[int]) -> None:
-        """Hand the VF to the container."""
-
-    @abstractmethod
-    def detach(self, ctx: "Ctx", res: "Reservation") -> None:
-        """Put everything back as recorded. Idempotent; also the rollback."""
+        """Hand the VF to the container, each change a journal step."""

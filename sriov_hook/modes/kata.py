@@ -4,7 +4,8 @@ The hook moves the VF netdev into the sandbox netns exactly as netdev mode
 does; the VM runtime then finds a physical interface there, binds it to
 vfio-pci itself and plugs it into the guest. At release the VF may still be
 on vfio-pci, and driver_override may hold the host driver's name (Kata
-leaves it there): both are repaired before the netdev is brought home.
+leaves it there): the journal's driver guard repairs both before the
+netdev is brought home.
 
 Reservations are per sandbox, shared by every container of the sandbox
 that carries the annotation, and released with the last of them.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from .. import drivers
 from . import netdev
 from .base import Mode
 
@@ -31,19 +31,11 @@ class KataMode(Mode):
 
     def prepare(self, ctx: "Ctx", cand: "Candidate", res: "Reservation",
                 req: "NetworkRequest") -> Optional[str]:
-        return netdev.capture(ctx, cand, res, req)
+        return netdev.MODE.prepare(ctx, cand, res, req)
 
     def attach(self, ctx: "Ctx", res: "Reservation", req: "NetworkRequest",
                netns_fd: Optional[int]) -> None:
         netdev.MODE.attach(ctx, res, req, netns_fd)
-
-    def detach(self, ctx: "Ctx", res: "Reservation") -> None:
-        current = ctx.sysfs.driver(res.bdf)
-        stale = ctx.sysfs.driver_override(res.bdf)
-        if current != res.orig_driver or stale is not None:
-            ctx.log.info(f"{res.bdf}: runtime left driver={current} override={stale}; repairing")
-            drivers.restore(ctx.sysfs, res.bdf, res.orig_driver, ctx.cfg.device_timeout)
-        netdev.return_netdev(ctx, res)
 
 
 MODE = KataMode()
