@@ -18,9 +18,12 @@ import json
 import math
 import os
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from sriov_hook.errors import HookError
+
+if TYPE_CHECKING:
+    from .devbind import Device
 
 DEFAULT_STATE = "/var/lib/sriov-hook/dpdk"
 
@@ -30,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="read sysfs_root and state_dir from this hook config")
     ap.add_argument("--sysfs-root", help="sysfs tree to use (default /sys)")
-    ap.add_argument("--state-dir", help=f"where previous drivers are kept (default {DEFAULT_STATE})")
+    ap.add_argument("--state-dir", help="where previous drivers and the hugepage ledger and lock "
+                                        f"are kept (default {DEFAULT_STATE})")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="PCI network devices by driver kind")
     st.add_argument("--json", action="store_true")
@@ -100,7 +104,7 @@ def _run(args: argparse.Namespace) -> int:
             back = binder.unbind(args.bdfs, args.driver)
             print(", ".join(f"{b} -> {d or 'unbound'}" for b, d in back.items()))
         return 0
-    from .hugepages import Hugepages, fmt_kb, mount_hugetlbfs, parse_size_kb
+    from .hugepages import Accounting, Hugepages, fmt_kb, mount_hugetlbfs, parse_size_kb
     hp = Hugepages(sysfs_root)
     page_kb = parse_size_kb(args.pagesize) if getattr(args, "pagesize", None) else hp.default_size()
     if args.hcmd == "show":
@@ -119,16 +123,22 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mounted hugetlbfs (pagesize={fmt_kb(page_kb)}) on {args.dir}")
         return 0
     pages = math.ceil(parse_size_kb(args.size) / page_kb)
+    # The same lock and ledger as the hook's dpdk mode (state_dir), so a
+    # reserve never loses another writer's increment, and a release never
+    # takes pages a dpdk container's reservation counts on.
+    acct = Accounting(hp, state_dir)
     if args.hcmd == "reserve":
-        total = hp.add(pages, page_kb, args.node)
+        total = acct.reserve(pages, page_kb, args.node)
         print(f"reserved {pages} x {fmt_kb(page_kb)} pages; total now {total}")
     else:
-        total = hp.remove(pages, page_kb, args.node)
-        print(f"released up to {pages} x {fmt_kb(page_kb)} pages; total now {total}")
+        taken, total = acct.give_back(pages, page_kb, args.node)
+        kept = "" if taken == pages else \
+            " (only free pages that no dpdk reservation counts on can go)"
+        print(f"released {taken} of {pages} x {fmt_kb(page_kb)} pages{kept}; total now {total}")
     return 0
 
 
-def _status_text(devs: list) -> str:
+def _status_text(devs: "List[Device]") -> str:
     titles = {"dpdk": "Network devices using DPDK-compatible driver",
               "kernel": "Network devices using kernel driver",
               "other": "Other network devices"}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from sriov_hook import drivers
 from sriov_hook.errors import DeviceNotFound, HookError
 from sriov_hook.pci import normalize_bdf
+from sriov_hook.procnet import routed_ifaces
 from sriov_hook.sysfs import Sysfs
 
 NET_CLASS = "0x02"
@@ -57,33 +58,6 @@ def network_devices(fs: Sysfs) -> List[Device]:
     return [d for d in devs if d is not None]
 
 
-def _routed_ifaces() -> set:
-    """Interfaces the routing tables point at, or with a global IPv6 address.
-
-    dpdk-devbind.py's notion of 'active' (an interface in `ip -o route`), read
-    from procfs: an IPv4 address always brings its connected route along, so
-    this also covers addresses. No netlink library needed, which keeps a
-    bind as cheap as a few sysfs writes.
-    """
-    names = set()
-    # /proc/net/route: header, then "<iface> <dest> ..."
-    names.update(row[0] for row in _rows("/proc/net/route")[1:])
-    # ipv6_route: "<dest> ... <iface>"; skip link-local and multicast routes
-    names.update(row[-1] for row in _rows("/proc/net/ipv6_route")
-                 if not row[0].startswith(("fe80", "ff00")) and row[-1] != "lo")
-    # if_inet6: "<addr> <ifindex> <prefix> <scope> <flags> <iface>"; global scope only
-    names.update(row[-1] for row in _rows("/proc/net/if_inet6") if row[3] == "00")
-    return names
-
-
-def _rows(path: str) -> List[List[str]]:
-    try:
-        with open(path) as fh:
-            return [line.split() for line in fh if line.strip()]
-    except OSError:
-        return []
-
-
 def _has_ipv4(ifname: str) -> bool:
     """SIOCGIFADDR: does the interface carry an IPv4 address (even while down)?"""
     import fcntl
@@ -101,9 +75,10 @@ def _has_ipv4(ifname: str) -> bool:
 def mark_active(devs: List[Device]) -> None:
     """A device whose netdev has routes or addresses is 'active' (in use)."""
     if any(d.interface for d in devs):
-        routed = _routed_ifaces()
+        routed = routed_ifaces()
         for d in devs:
-            d.active = bool(d.interface) and (d.interface in routed or _has_ipv4(d.interface))
+            d.active = d.interface is not None and \
+                (d.interface in routed or _has_ipv4(d.interface))
 
 
 class Binder:
@@ -147,7 +122,7 @@ class Binder:
             self.fs.write(os.path.join(self.fs.root, drivers.NOIOMMU_PARAM), "1")
         for bdf in resolved:
             self.check(bdf, driver, force, noiommu)
-        done: List[tuple] = []
+        done: List[Tuple[str, Optional[str]]] = []
         try:
             for bdf in resolved:
                 prev = drivers.bind(self.fs, bdf, driver, self.timeout)

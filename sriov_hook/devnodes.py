@@ -3,11 +3,12 @@
 A createRuntime/prestart hook runs after runc has built the container's
 mounts (its /dev tmpfs included) but before pivot_root. The container's
 root is reachable from the host as ``/proc/<pid>/root<rootfs>``; a node
-made there appears in the container's /dev. Access is granted through the
-cgroup v1 devices controller (``devices.allow``). cgroup v2 has no such
-file (device access is a BPF program the runtime attaches), so there we
-refuse clearly and point at the CDI spec, which the engine applies before
-the runtime starts.
+made there appears in the container's /dev. The image owns that tree, so
+the node is made through rootfs.Root, which never leaves the rootfs nor
+follows a symlink. Access is granted through the cgroup v1 devices
+controller (``devices.allow``). cgroup v2 has no such file (device access
+is a BPF program the runtime attaches), so there we refuse clearly and
+point at the CDI spec, which the engine applies before the runtime starts.
 """
 from __future__ import annotations
 
@@ -17,46 +18,11 @@ from typing import List, Optional, Tuple
 
 from .errors import HookError
 from .oci import Container
+from .rootfs import open_host_side
 
 
 class DeviceError(HookError):
     pass
-
-
-def rootfs_path(container: Container) -> str:
-    """The rootfs as mounted in the container's mount namespace (before pivot)."""
-    root = container.spec.get("root") if isinstance(container.spec.get("root"), dict) else {}
-    path = root.get("path") or "rootfs"
-    if not isinstance(path, str) or "\0" in path:
-        raise DeviceError("spec root.path must be a string")
-    if not os.path.isabs(path):
-        path = os.path.join(container.state.bundle, path)
-    return os.path.normpath(path)
-
-
-def rootfs_on_host(container: Container) -> str:
-    """The same directory reached from the host through /proc/<pid>/root."""
-    pid = container.state.pid
-    if pid is None:
-        raise DeviceError("state has no pid: cannot reach the container's /dev")
-    return f"/proc/{pid}/root{rootfs_path(container)}"
-
-
-def _safe_dirs(base: str, rel: str) -> str:
-    """mkdir -p ``rel`` under ``base`` refusing symlinks: the image owns that tree."""
-    cur = base
-    for part in rel.strip("/").split("/"):
-        if part in ("", ".", ".."):
-            raise DeviceError(f"bad path component in {rel!r}")
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            os.mkdir(cur, 0o755)
-            continue
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            raise DeviceError(f"{rel} in the container is not a plain directory")
-    return cur
 
 
 def char_device(host_node: str) -> Tuple[int, int]:
@@ -72,19 +38,8 @@ def char_device(host_node: str) -> Tuple[int, int]:
 def add_node(container: Container, host_node: str, path: str, cgroup_root: str) -> Tuple[int, int]:
     """Create ``path`` (absolute, in the container) as a copy of ``host_node``."""
     major, minor = char_device(host_node)
-    base = rootfs_on_host(container)
-    parent = _safe_dirs(base, os.path.dirname(path))
-    target = os.path.join(parent, os.path.basename(path))
-    rdev = os.makedev(major, minor)
-    try:
-        st = os.lstat(target)
-        if not (stat.S_ISCHR(st.st_mode) and st.st_rdev == rdev):
-            raise DeviceError(f"{path} already exists in the container and is something else")
-    except FileNotFoundError:
-        try:
-            os.mknod(target, stat.S_IFCHR | 0o666, rdev)
-        except OSError as err:
-            raise DeviceError(f"cannot create {path} in the container: {err.strerror}") from None
+    with open_host_side(container) as root:
+        root.mknod_char(path, major, minor)
     allow(cgroup_root, container.state.pid or 0, major, minor)
     return major, minor
 

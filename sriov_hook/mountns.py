@@ -3,34 +3,30 @@
 A forked child enters the namespace (setns on /proc/<pid>/ns/mnt), so the
 hook's own root, cwd and mounts are never touched. At prestart/createRuntime
 the container has not pivoted yet: its rootfs is mounted at the spec's
-``root.path`` inside that namespace, so targets are ``<rootfs>/...``.
+``root.path`` inside that namespace. Paths below it come from the image, so
+the action works through rootfs.Root, confined to the rootfs.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from .errors import HookError
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+_MAX_REPLY = 1000
 
 
 class MountNsError(HookError):
     pass
 
 
-def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
-                  data.encode() or None) != 0:
-        raise OSError(ctypes.get_errno(), f"mount {fstype} on {target}")
-
-
-def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
-    """Fork, enter ``pid``'s mount namespace, run ``action``; raise its error here."""
+def run_in(pid: int, action: Callable[[], Optional[str]], timeout: float = 10.0) -> str:
+    """Fork, enter ``pid``'s mount namespace, run ``action``; return what it
+    returned ("" for None), or raise its error here: a HookError's message
+    as it is, anything else prefixed with where it happened."""
     try:
         nsfd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # setns(CLONE_NEWNS) resets our root to the namespace's root; the
@@ -46,14 +42,18 @@ def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.setns(nsfd, CLONE_NEWNS) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
+                errno = ctypes.get_errno()
+                raise OSError(errno, f"setns: {os.strerror(errno)}")
             os.fchdir(rootfd)
             os.chroot(".")
-            action()
+            reply = action() or ""
+        except HookError as err:   # already one line for the user
+            reply, code = str(err), 2
         except BaseException as err:  # noqa: BLE001 - report anything to the parent
-            msg = f"{err.strerror}: {err.filename or ''}" if isinstance(err, OSError) else str(err)
-            os.write(wfd, msg.encode()[:1000])
+            reply = f"{err.strerror}: {err.filename or ''}" if isinstance(err, OSError) \
+                else f"{type(err).__name__}: {err}"
             code = 1
+        os.write(wfd, reply.encode(errors="replace")[:_MAX_REPLY])
         os._exit(code)
     os.close(wfd)
     os.close(nsfd)
@@ -69,8 +69,12 @@ def run_in(pid: int, action: Callable[[], None], timeout: float = 10.0) -> None:
                 os.waitpid(child, 0)
                 raise MountNsError(f"work in the mount namespace of pid {pid} timed out")
             time.sleep(0.005)
-        msg = os.read(rfd, 1000).decode(errors="replace")
+        reply = os.read(rfd, _MAX_REPLY).decode(errors="replace")
     finally:
         os.close(rfd)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise MountNsError(f"in the container's mount namespace: {msg or 'failed'}")
+    code = os.waitstatus_to_exitcode(status)
+    if code == 2:
+        raise MountNsError(reply)
+    if code != 0:
+        raise MountNsError(f"in the container's mount namespace: {reply or 'failed'}")
+    return reply

@@ -9,8 +9,13 @@ from typing import Iterator, Optional, Tuple
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$")
 _SHORT_BDF = re.compile(r"^[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$")
 # Linux dev_valid_name(): 1..15 bytes, not . or .., no '/', ':' or whitespace.
+# dev_get_valid_name() then takes a name with '%' as a pattern ("net%d" becomes
+# net0, net1, ...), so a VF would come up under a name nobody asked for and the
+# hook would wait for the literal one; and it refuses "all" and "default", the
+# names of the per-netns sysctl directories (EINVAL).
 IFNAMSIZ = 16
-_BAD_IFNAME_CHARS = re.compile(r"[/:\s]")
+_BAD_IFNAME_CHARS = re.compile(r"[/:%\s]")
+_KERNEL_RESERVED = ("all", "default")
 MAX_VF_INDEX = 4095  # generous: no NIC exposes more than a few hundred VFs
 
 
@@ -39,8 +44,10 @@ def ifname_problem(name: object) -> Optional[str]:
         return f"is {len(raw)} bytes; at most {IFNAMSIZ - 1} allowed"
     if name in (".", ".."):
         return "must not be . or .."
+    if name in _KERNEL_RESERVED:
+        return "is refused by the kernel (it names a sysctl directory)"
     if _BAD_IFNAME_CHARS.search(name):
-        return "must not contain '/', ':' or whitespace"
+        return "must not contain '/', ':', '%' (a kernel name pattern) or whitespace"
     if not name.isprintable() or not name.isascii():
         return "must be printable ASCII"
     return None

@@ -12,17 +12,23 @@ this text and the hook runs as root.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 from .config import LINK_STATES, Config, Pool, VfSettings
 from .errors import RequestError
+from .jsonbound import TooDeep, loads as bounded_loads
 from .pci import ifname_problem, normalize_bdf
+
+if TYPE_CHECKING:
+    from .oci import Container
 
 ANNOTATION = "sriov-hook.io/networks"
 MAX_ANNOTATION_BYTES = 16 * 1024
+# The long form nests 4 deep at most (list, entry, routes, route); anything
+# deeper is refused before the JSON decoder sees it.
+MAX_ANNOTATION_DEPTH = 6
 MAX_REQUESTS = 16
 MAX_IPS = 16
 MAX_ROUTES = 64
@@ -30,7 +36,8 @@ RESERVED_IFNAMES = {"lo"}
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _LONG_KEYS = {"pool", "pci", "interface", "mac", "vlan", "qos", "mtu", "ips", "gateway", "routes",
-              "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state"}
+              "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state",
+              "replace_default"}
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -56,6 +63,7 @@ class NetworkRequest:
     gateway: Optional[IPAddress] = None
     routes: Tuple[Route, ...] = ()
     pci: Optional[str] = None           # a specific VF of the pool (CDI per-VF devices)
+    replace_default: bool = False       # the gateway may take the place of an existing default route
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -64,6 +72,7 @@ class NetworkRequest:
             "mtu": self.mtu, "ips": [str(i) for i in self.ips],
             "gateway": str(self.gateway) if self.gateway else None,
             "routes": [r.to_json() for r in self.routes],
+            "replace_default": self.replace_default,
         }
 
 
@@ -115,7 +124,9 @@ def _short_form(text: str) -> List[Dict[str, Any]]:
 
 def _long_form(text: str) -> List[Dict[str, Any]]:
     try:
-        data = json.loads(text)
+        data = bounded_loads(text, MAX_ANNOTATION_DEPTH)
+    except TooDeep as err:
+        raise RequestError(f"annotation {ANNOTATION} {err}; refused unparsed") from None
     except ValueError as err:
         raise RequestError(f"annotation {ANNOTATION} is not valid JSON: {err}") from None
     if isinstance(data, dict):
@@ -175,8 +186,14 @@ def _one(item: Dict[str, Any], pos: int) -> NetworkRequest:
     if gateway is not None and not any(i.version == gateway.version for i in ips):
         raise RequestError(f"{where}.gateway: {gateway} has no address of its family in ips")
     routes = tuple(_routes(item.get("routes", []), f"{where}.routes"))
+    replace_default = item.get("replace_default", False)
+    if not isinstance(replace_default, bool):
+        raise RequestError(f"{where}.replace_default: must be true or false")
+    if replace_default and gateway is None:
+        raise RequestError(f"{where}.replace_default: needs a gateway")
     return NetworkRequest(pool=pool, interface=ifname, vf=VfSettings(**vf), mtu=mtu,
-                          ips=ips, gateway=gateway, routes=routes, pci=pci)
+                          ips=ips, gateway=gateway, routes=routes, pci=pci,
+                          replace_default=replace_default)
 
 
 def _int(val: Any, where: str, lo: int, hi: int) -> int:
@@ -249,15 +266,20 @@ def _routes(val: Any, where: str) -> List[Route]:
     return out
 
 
-def apply_policy(cfg: Config, reqs: List[NetworkRequest]) -> List[NetworkRequest]:
+def apply_policy(cfg: Config, reqs: List[NetworkRequest],
+                 container: "Optional[Container]" = None) -> List[NetworkRequest]:
     """Check requests against each pool's policy; return them with pool defaults merged.
 
-    A container may override a pool default only for fields in ``allow``.
+    A container may override a pool default only for fields in ``allow``. A
+    pool with ``namespaces`` admits only a ``container`` whose CRI runtime
+    vouches for one of them; without a container it admits nobody.
     """
     counts: Dict[str, int] = {}
     out = []
     for pos, req in enumerate(reqs):
         pool = cfg.pool(req.pool)
+        if pool.namespaces is not None:
+            _check_namespace(pool, container)
         counts[pool.name] = counts.get(pool.name, 0) + 1
         if counts[pool.name] > pool.max_per_container:
             raise RequestError(f"pool {pool.name} allows at most {pool.max_per_container} VFs per container")
@@ -272,6 +294,21 @@ def apply_policy(cfg: Config, reqs: List[NetworkRequest]) -> List[NetworkRequest
             raise RequestError(f"networks[{pos}].vlan: VLAN {req.vf.vlan} is not allowed in pool {pool.name}")
         out.append(_merge(pool, req))
     return out
+
+
+def _check_namespace(pool: Pool, container: "Optional[Container]") -> None:
+    allowed = ", ".join(sorted(pool.namespaces or ()))
+    if container is None:
+        raise RequestError(f"pool {pool.name} admits only Kubernetes namespaces {allowed}, "
+                           f"and this request comes with no container to check")
+    namespace = container.k8s_namespace
+    if namespace is None:
+        raise RequestError(f"pool {pool.name} admits only Kubernetes namespaces {allowed}; "
+                           f"this container was not made by a CRI runtime (CRI-O, containerd) "
+                           f"that vouches for its namespace")
+    if namespace not in (pool.namespaces or ()):
+        raise RequestError(f"pool {pool.name} does not admit Kubernetes namespace {namespace} "
+                           f"(only {allowed})")
 
 
 def _merge(pool: Pool, req: NetworkRequest) -> NetworkRequest:

@@ -208,3 +208,96 @@ def test_dpdk_mode_keeps_pages_others_reserved(dsim: Tuple[Sim, KernelSim]) -> N
     assert sim.poststop("d1").rc == 0
     assert fake_pages(sim) == (2, 2)   # only the hook's own pages went back
     assert driver(sim, sim.vfs[0].bdf) == "igbvf"
+
+
+# -- hostile images: nothing is written outside the rootfs ----------------------------------
+def _hostile_bundle(sim: Sim, tmp: str, layout: str, host: str, script: str) -> str:
+    """A runc bundle over a writable busybox copy laid out as ``layout`` says.
+    Layouts below /dev run without runc's /dev tmpfs, so the image's own /dev
+    is what the hook meets."""
+    from tests import standin
+    rootfs = standin.busybox_tree(os.path.join(tmp, "rootfs"))
+    standin.plant(rootfs, standin.LAYOUTS[layout], host)
+    hooks = {"prestart": [hook_entry(HOOK, sim.config, "prestart")],
+             "poststop": [hook_entry(HOOK, sim.config, "poststop")]}
+    bundle = runc_bundle(os.path.join(tmp, "b"), ["sh", "-c", script],
+                         {"sriov-hook.io/networks": '[{"pool":"dp"}]'}, hooks)
+    path = os.path.join(bundle, "config.json")
+    with open(path) as fh:
+        spec = json.load(fh)
+    spec["root"] = {"path": rootfs, "readonly": False}
+    if layout.startswith(("dev-vfio", "dev-hugepages")):
+        spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/dev"]
+    with open(path, "w") as fh:
+        json.dump(spec, fh)
+    return bundle
+
+
+@pytest.mark.runc
+@pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")
+# Not "dev-to-host" here: Debian's runc 1.1 itself makes /dev/fd, /dev/ptmx, ...
+# through an image's /dev link, on the host (tests/test_rootfs.py covers the
+# hook's side of it).
+@pytest.mark.parametrize("layout", ["run-to-etc", "run-to-host-dir", "run-dotdot-escape",
+                                    "run-sriov-hook-to-host", "run-sriov-hook-relative",
+                                    "dev-to-image-dir", "dev-vfio-to-host",
+                                    "dev-hugepages-to-host", "dev-hugepages-to-etc"])
+def test_hostile_image_gets_nothing_outside_its_rootfs(dsim: Tuple[Sim, KernelSim], tmp_path,  # type: ignore[no-untyped-def]
+                                                       layout: str) -> None:
+    from tests import standin
+    sim, _ = dsim
+    host = f"/tmp/sriov-host-{uuid.uuid4().hex[:8]}"   # a host path, as an attacker would aim
+    os.makedirs(host)
+    runc = Runc(f"/run/sriov-test-runc-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(os.path.join(host, "keep"), "w") as fh:
+            fh.write("host data\n")
+        before = standin.snapshot(host)
+        assert not os.path.exists("/etc/sriov-hook")
+        bundle = _hostile_bundle(sim, str(tmp_path), layout, host, "cat /run/sriov-hook/net1.json")
+        etc = os.path.join(str(tmp_path), "rootfs", "etc")
+        etc_before = standin.snapshot(etc)
+        out = runc.run(f"hx-{uuid.uuid4().hex[:8]}", bundle)
+        assert out.returncode != 0, out.stdout
+        link = next(iter(standin.LAYOUTS[layout]))
+        assert f"sriov-hook: /{link} in the container is a symlink" in out.stderr, out.stderr
+        assert standin.snapshot(host) == before
+        assert not os.path.exists("/etc/sriov-hook")
+        assert standin.snapshot(etc) == etc_before
+        # The failed create gave everything back.
+        assert driver(sim, sim.vfs[0].bdf) == "igbvf"
+        assert fake_pages(sim) == (0, 0)
+        sim.assert_clean()
+    finally:
+        runc.cleanup()
+        shutil.rmtree(host, ignore_errors=True)
+
+
+@pytest.mark.runc
+@pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")
+def test_planted_info_file_is_replaced_not_followed(dsim: Tuple[Sim, KernelSim], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An image whose /run/sriov-hook/net1.json is a link to a host file: the
+    hook's own tmpfs hides it, the container reads the real description."""
+    from tests import standin
+    sim, _ = dsim
+    host = f"/tmp/sriov-host-{uuid.uuid4().hex[:8]}"
+    os.makedirs(host)
+    runc = Runc(f"/run/sriov-test-runc-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(os.path.join(host, "keep"), "w") as fh:
+            fh.write("host data\n")
+        bundle = _hostile_bundle(sim, str(tmp_path), "run-to-etc", host,
+                                 "cat /run/sriov-hook/net1.json")
+        rootfs = os.path.join(str(tmp_path), "rootfs")
+        os.unlink(os.path.join(rootfs, "run"))
+        os.makedirs(os.path.join(rootfs, "run/sriov-hook"))
+        os.symlink(os.path.join(host, "keep"), os.path.join(rootfs, "run/sriov-hook/net1.json"))
+        out = runc.run(f"hp-{uuid.uuid4().hex[:8]}", bundle)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["pci"] == sim.vfs[0].bdf
+        assert open(os.path.join(host, "keep")).read() == "host data\n"
+        assert os.path.islink(os.path.join(rootfs, "run/sriov-hook/net1.json"))
+        sim.assert_clean()
+    finally:
+        runc.cleanup()
+        shutil.rmtree(host, ignore_errors=True)
