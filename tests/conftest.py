@@ -38,9 +38,10 @@ class HookResult:
 
 
 def run_hook(config: str, *args: str, state: Any = None, env: Optional[Dict[str, str]] = None,
-             timeout: float = 60) -> HookResult:
+             timeout: float = 60, module: str = "sriov_hook") -> HookResult:
+    """``module``: tests.pfmodel runs the hook with a PF driver model."""
     data = state if isinstance(state, (bytes, type(None))) else json.dumps(state).encode()
-    proc = subprocess.run([sys.executable, "-m", "sriov_hook", "--config", config, *args],
+    proc = subprocess.run([sys.executable, "-m", module, "--config", config, *args],
                           input=data or b"", capture_output=True, timeout=timeout,
                           cwd=ROOT, env=env)
     return HookResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
@@ -111,6 +112,8 @@ class Sim:
         self.config = host.config
         self._ns: List[str] = []
         self.orig = {vf.ifname: link_info(vf.ifname) for vf in host.vfs}
+        self.module = "sriov_hook"          # tests.pfmodel: with a PF driver model
+        self.env: Dict[str, str] = {}       # added to the hook's environment
 
     @property
     def vfs(self) -> List[simhost.SimVf]:
@@ -138,7 +141,9 @@ class Sim:
         return d
 
     def hook(self, *args: str, **kw: Any) -> HookResult:
-        return run_hook(self.config, *args, **kw)
+        if self.env:
+            kw["env"] = {**(kw.get("env") or os.environ), **self.env}
+        return run_hook(self.config, *args, module=self.module, **kw)
 
     def prestart(self, cid: str, bundle: str, pid: Optional[int] = None) -> HookResult:
         state: Dict[str, Any] = {"ociVersion": "1.0.2", "id": cid, "status": "creating",

@@ -87,16 +87,37 @@ def hook_entry(hook_bin: str, config: str, stage: str, timeout: int = 30) -> Dic
             "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "timeout": timeout}
 
 
-class Runc:
-    """runc with a private state root, so tests never see each other's containers."""
+# crun 1.8 refuses this host's hybrid cgroup layout unless cgroup2 is out of
+# sight: run it in a private mount namespace without /sys/fs/cgroup/unified.
+# "--propagation unchanged" keeps every other mount as it is, so a mount the
+# hook makes on a shared mount (a netns pin; see shared_mount) still reaches
+# the host, as it would with crun running in the host's mount namespace.
+CRUN_WRAP = ["unshare", "-m", "--propagation", "unchanged", "sh", "-c",
+             'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"', "crun-wrap"]
 
-    def __init__(self, root: str) -> None:
+
+def shared_mount(path: str) -> None:
+    """Make ``path`` a shared mount point, so mounts made under it inside a
+    mount namespace copied from the host's (CRUN_WRAP) show on the host."""
+    from tests.simhost import mounted
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if not mounted(path):
+        subprocess.run(["mount", "--bind", path, path], check=True)
+    subprocess.run(["mount", "--make-shared", path], check=True)
+
+
+class Runc:
+    """runc (or crun, with ``binary="crun"``) with a private state root, so
+    tests never see each other's containers."""
+
+    def __init__(self, root: str, binary: str = "runc") -> None:
         self.root = root
         self.ids: List[str] = []
+        self.cmd = (CRUN_WRAP if binary == "crun" else []) + [binary, "--root", root]
 
     def run(self, cid: str, bundle: str, timeout: float = 60) -> subprocess.CompletedProcess:
         self.ids.append(cid)
-        return subprocess.run(["runc", "--root", self.root, "run", "--bundle", bundle, cid],
+        return subprocess.run(self.cmd + ["run", "--bundle", bundle, cid],
                               capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
@@ -106,19 +127,19 @@ class Runc:
         # on its pipes until it exits.
         import tempfile
         with tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.run(["runc", "--root", self.root, "run", "--detach", "--bundle",
-                                   bundle, cid], stdout=subprocess.DEVNULL, stderr=err,
+            proc = subprocess.run(self.cmd + ["run", "--detach", "--bundle", bundle, cid],
+                                  stdout=subprocess.DEVNULL, stderr=err,
                                   text=True, timeout=60, stdin=subprocess.DEVNULL)
             err.seek(0)
             proc.stderr = err.read()
         return proc
 
     def exec(self, cid: str, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runc", "--root", self.root, "exec", cid, *args],
+        return subprocess.run(self.cmd + ["exec", cid, *args],
                               capture_output=True, text=True, timeout=60)
 
     def delete(self, cid: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["runc", "--root", self.root, "delete", "--force", cid],
+        return subprocess.run(self.cmd + ["delete", "--force", cid],
                               capture_output=True, text=True, timeout=60)
 
     def cleanup(self) -> None:

@@ -25,7 +25,7 @@ import select
 import shutil
 import struct
 import threading
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from tests.simhost import FakeSysfs
 
@@ -43,6 +43,7 @@ class KernelSim:
         self.dev_dir = dev_dir
         self.natural: Dict[str, Optional[str]] = {}
         self.fail_bind: Dict[str, str] = {}   # bdf -> driver whose probe fails
+        self.on_net_probe: List[Callable[[str, str], None]] = []   # (bdf, driver)
         self.events = 0
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._fd = self._libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -218,7 +219,6 @@ class KernelSim:
         override = self._override(bdf)
         if override is not None and override != drv:
             return  # the kernel refuses a driver other than the override
-        self.fs.bind(bdf, drv)
         if drv in NET_DRIVERS:
             parked = self._dev(bdf, ".net-unbound")
             if os.path.isdir(parked):
@@ -226,6 +226,12 @@ class KernelSim:
                     os.makedirs(self._dev(bdf, "net"), exist_ok=True)
                     os.rename(os.path.join(parked, ifname), self._dev(bdf, "net", ifname))
                     self.fs.add_netdev(bdf, ifname)
+            # The driver's probe (a PF driver model: MAC from the PF, rename)
+            # is over before the driver link appears, as a write to
+            # drivers_probe returns only after the probe.
+            for hook in self.on_net_probe:
+                hook(bdf, drv)
+        self.fs.bind(bdf, drv)
         if drv == "vfio-pci":
             group = self._group(bdf)
             node = self._node(group) if group else None

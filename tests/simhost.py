@@ -173,7 +173,8 @@ class SimHost:
 
 def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
           with_netdevs: bool = True, pools: Optional[List[Dict]] = None,
-          extra: Optional[Dict] = None, netdev_vfs: Optional[int] = None) -> SimHost:
+          extra: Optional[Dict] = None, netdev_vfs: Optional[int] = None,
+          pf_driver: str = "igb", vf_driver: str = "igbvf") -> SimHost:
     """``netdev_vfs``: give only the first N VFs of each PF a veth netdev (the
     rest exist in the PCI tree only, as VFs on no kernel driver would); for
     inventories too big to back with real interfaces."""
@@ -187,7 +188,7 @@ def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
                    log_file=os.path.join(base, "hook.log"), config=os.path.join(base, "config.yaml"))
     try:
         for p in range(npfs):
-            nic = _build_nic(fs, uid, p, nvfs, with_netdevs, netdev_vfs)
+            nic = _build_nic(fs, uid, p, nvfs, with_netdevs, netdev_vfs, pf_driver, vf_driver)
             host.nics.append(nic)
         write_config(host, pools, extra)
     except BaseException:
@@ -197,7 +198,8 @@ def build(base: str, nvfs: int = 4, npfs: int = 1, uid: Optional[str] = None,
 
 
 def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool,
-               netdev_vfs: Optional[int] = None) -> SimNic:
+               netdev_vfs: Optional[int] = None, pf_driver: str = "igb",
+               vf_driver: str = "igbvf") -> SimNic:
     pf_bdf = f"0000:{0x10 + p:02x}:00.0"
     nic = SimNic(uid=uid, pf_no=p, pf=f"sp{uid}{p}", pf_bdf=pf_bdf, bridge=f"sb{uid}{p}")
     ip("link", "add", nic.bridge, "type", "bridge")
@@ -205,7 +207,7 @@ def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool,
     ip("link", "add", nic.pf, "type", "veth", "peer", "name", f"sq{uid}{p}")
     ip("link", "set", f"sq{uid}{p}", "master", nic.bridge, "up")
     ip("link", "set", nic.pf, "up")
-    fs.add_pf(pf_bdf, nic.pf, totalvfs=max(nvfs, 8), group=100 + p * 300)
+    fs.add_pf(pf_bdf, nic.pf, totalvfs=max(nvfs, 8), driver=pf_driver, group=100 + p * 300)
     for i in range(nvfs):
         bdf = vf_bdf(p, i)
         name, peer = f"sv{uid}{p}x{i}", f"sw{uid}{p}x{i}"
@@ -213,7 +215,8 @@ def _build_nic(fs: FakeSysfs, uid: str, p: int, nvfs: int, with_netdevs: bool,
         if real:
             ip("link", "add", name, "type", "veth", "peer", "name", peer)
             ip("link", "set", peer, "master", nic.bridge, "up")
-        fs.add_vf(pf_bdf, i, bdf, name if real else None, group=101 + p * 300 + i)
+        fs.add_vf(pf_bdf, i, bdf, name if real else None, driver=vf_driver,
+                  group=101 + p * 300 + i)
         if real:
             nic.vfs.append(SimVf(bdf=bdf, ifname=name, peer=peer, index=i, pf=nic.pf))
     return nic
@@ -232,17 +235,28 @@ def write_config(host: SimHost, pools: Optional[List[Dict]] = None,
         yaml.safe_dump(cfg, fh, sort_keys=False)
 
 
+def mounted(path: str) -> bool:
+    """Is ``path`` a mount point? (os.path.ismount misses a bind mount of a
+    directory onto itself: same device, no inode change.)"""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as fh:
+        return any(line.split()[4] == real for line in fh)
+
+
 def teardown(host: SimHost) -> None:
     """Remove everything ``build`` made; tolerate pieces already gone."""
     pin_dir = os.path.join(host.state_dir, "netns")
     if os.path.isdir(pin_dir):
         for name in os.listdir(pin_dir):
             subprocess.run(["umount", "-l", os.path.join(pin_dir, name)], capture_output=True)
+        if mounted(pin_dir):   # made shared for crun tests
+            subprocess.run(["umount", "-l", pin_dir], capture_output=True)
     for nic in host.nics:
         for vf in nic.vfs:
             ip("link", "del", vf.ifname, check=False)
             ip("link", "del", vf.peer, check=False)
         ip("link", "del", nic.pf, check=False)
+        ip("link", "del", f"sq{nic.uid}{nic.pf_no}", check=False)   # the PF's peer, if renamed
         ip("link", "del", nic.bridge, check=False)
     shutil.rmtree(host.dir, ignore_errors=True)
 

@@ -10,6 +10,11 @@ Phases:
   faults   every named crash point of prestart and poststop, in every mode,
            SIGKILLed, then recovered by poststop or gc
   hostile  the corpus of malformed/hostile inputs
+  podman   N podman containers (runc and crun) that fail in random ways:
+           a missing entrypoint, the hook killed at a random point, a
+           normal run; podman and crun run no poststop after a failed
+           create, so nothing but the next prestart can take a leaked VF
+           back. Then every VF of the pool must go to a new container.
 Invariants (tests/invariants.py) are checked after every batch.
 """
 from __future__ import annotations
@@ -45,6 +50,9 @@ class Figures:
     hostile_inputs: int = 0
     hostile_rejected: int = 0
     vfs_leaked: int = 0
+    podman_runs: int = 0
+    podman_failed_creates: int = 0
+    podman_vfs_leaked: int = 0
     double_reservations: int = 0
     invariant_checks: int = 0
     problems: List[str] = field(default_factory=list)
@@ -245,6 +253,8 @@ def phase_faults(sim: Sim, fig: Figures) -> None:
                 if n % 2:
                     rc2, err2 = run_many(sim, [("poststop", stop)], env=env)[0]
                 else:
+                    if ns:  # the container is gone: its named netns with it
+                        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
                     p = subprocess.run(_hook_cmd(sim, "gc"), capture_output=True, text=True,
                                        cwd=ROOT, env=env)
                     rc2, err2 = p.returncode, p.stderr
@@ -260,31 +270,104 @@ def phase_faults(sim: Sim, fig: Figures) -> None:
 
 
 def phase_hostile(sim: Sim, fig: Figures) -> None:
-    for case in corpus.cases():
-        fig.hostile_inputs += 1
-        ns = sim.netns()
-        bundle = sim.bundle(case.annotation if case.annotation is not None else "fast", ns)
-        if case.spec is not None:
-            with open(os.path.join(bundle, "config.json"), "wb") as fh:
-                fh.write(case.spec if isinstance(case.spec, bytes) else json.dumps(case.spec).encode())
-        if case.setup:
-            case.setup(bundle)
+    with corpus.Environment(sim) as env:
+        for case in corpus.cases():
+            _hostile_case(sim, fig, env, case)
+
+
+def _hostile_case(sim: Sim, fig: Figures, env: corpus.Environment, case: corpus.Case) -> None:
+    fig.hostile_inputs += 1
+    ns = sim.netns()
+    bundle = sim.bundle(case.annotation if case.annotation is not None else "fast", ns)
+    if case.spec is not None:
+        with open(os.path.join(bundle, "config.json"), "wb") as fh:
+            fh.write(case.spec if isinstance(case.spec, bytes) else json.dumps(case.spec).encode())
+    if case.setup:
+        case.setup(bundle)
+    with env.running(case, bundle) as extra:
         if isinstance(case.state, bytes):
             data: Any = case.state
         else:
             data = {"ociVersion": "1.0.2", "id": f"h{fig.hostile_inputs}", "status": "creating",
-                    "bundle": bundle, **(case.state or {})}
+                    "bundle": bundle, **extra, **(case.state or {})}
             data = {k: v for k, v in data.items() if v is not None}
         r = sim.hook("prestart", state=data, timeout=30)
-        lines = r.stderr.strip().splitlines()
-        ok = (r.rc != 0 and len(lines) == 1 and lines[0].startswith("sriov-hook: ")
-              and "Traceback" not in r.stderr and sim.records() == [])
-        problems = invariants.check(sim, live_owners=[])
-        if ok and not problems:
-            fig.hostile_rejected += 1
-        else:
-            fig.problems.append(f"hostile {case.name!r}: rc={r.rc} stderr={r.stderr[:200]!r} "
-                                f"{problems[:2]}")
+    lines = r.stderr.strip().splitlines()
+    ok = (r.rc != 0 and len(lines) == 1 and lines[0].startswith("sriov-hook: ")
+          and (case.needle is None or case.needle in lines[0])
+          and "Traceback" not in r.stderr and sim.records() == [])
+    problems = invariants.check(sim, live_owners=[]) + env.problems()
+    if ok and not problems:
+        fig.hostile_rejected += 1
+    else:
+        fig.problems.append(f"hostile {case.name!r}: rc={r.rc} stderr={r.stderr[:200]!r} "
+                            f"{problems[:2]}")
+
+
+PODMAN = ["podman", "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024",
+          "--ulimit", "nproc=1024:1024"]
+
+
+def phase_podman(sim: Sim, n: int, fig: Figures, seed: int = 11) -> None:
+    """Failed creates under podman on runc and crun; no gc is ever run."""
+    from tests.containers import CRUN_WRAP, rootfs_tar, shared_mount
+    from tests.test_podman import render_hooks
+    rnd = random.Random(seed)
+    shared_mount(os.path.join(sim.host.state_dir, "netns"))   # crun's pins reach the host
+    tag = f"localhost/sriov-stress:{uuid.uuid4().hex[:8]}"
+    tar = rootfs_tar(os.path.join(sim.host.dir, "rootfs.tar"))
+    subprocess.run(["podman", "import", tar, tag], check=True, capture_output=True)
+    hooks: Dict[str, str] = {}
+
+    def hooks_for(point: str) -> str:
+        if point not in hooks:
+            d = render_hooks(os.path.join(sim.host.dir, f"hooks-{len(hooks)}"), sim.config)
+            for name in os.listdir(d):
+                with open(os.path.join(d, name)) as fh:
+                    spec = json.load(fh)
+                if point and "poststop" not in spec["stages"]:
+                    spec["hook"]["env"].append(f"{faults.ENV}={point}")
+                with open(os.path.join(d, name), "w") as fh:
+                    json.dump(spec, fh)
+            hooks[point] = d
+        return hooks[point]
+
+    def run(runtime: str, point: str, args: List[str], keep: bool = False) -> "Tuple[int, str]":
+        name = f"st{uuid.uuid4().hex[:8]}"
+        cmd = (CRUN_WRAP if runtime == "crun" else []) + PODMAN + [
+            "--runtime", runtime, "--name", name, "--hooks-dir", hooks_for(point),
+            "--annotation", "sriov-hook.io/networks=fast"] + (["-d"] if keep else []) \
+            + [tag] + args
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode, name
+        finally:
+            if not keep:
+                remove(runtime, name)
+
+    def remove(runtime: str, name: str) -> None:
+        subprocess.run((CRUN_WRAP if runtime == "crun" else []) +
+                       ["podman", "rm", "-f", "-t", "0", name], capture_output=True)
+    points = [p for p in faults.PRESTART if ":" in p or p == "record_written"]
+    try:
+        for _ in range(n):
+            runtime = rnd.choice(["runc", "crun"])
+            kind = rnd.choice(["entrypoint", "killed", "ok"])
+            point = rnd.choice(points) if kind == "killed" else ""
+            args = ["/no/such/entrypoint"] if kind == "entrypoint" else ["true"]
+            rc, _ = run(runtime, point, args)
+            fig.podman_runs += 1
+            if rc != 0:
+                fig.podman_failed_creates += 1
+        # Every VF must go to a new container, all held at once, with no gc in
+        # between: what a failed create left is reclaimed by the prestart that
+        # needs it.
+        holders = [run("runc", "", ["sleep", "120"], keep=True) for _ in sim.vfs]
+        fig.podman_vfs_leaked = sum(1 for rc, _ in holders if rc != 0)
+        for _, name in holders:
+            remove("runc", name)
+        _check(sim, fig, None, "podman failed creates", live=[])
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
 
 
 def leaked(sim: Sim) -> int:
@@ -293,7 +376,7 @@ def leaked(sim: Sim) -> int:
 
 
 def run(base: str, n: int = 64, cycles: int = 300, do_faults: bool = True,
-        do_hostile: bool = True) -> Figures:
+        do_hostile: bool = True, podman_runs: int = 40) -> Figures:
     fig = Figures()
     t0 = time.monotonic()
     sim = Sim(simhost.build(os.path.join(base, "burst"), nvfs=n // 2), base)
@@ -316,6 +399,13 @@ def run(base: str, n: int = 64, cycles: int = 300, do_faults: bool = True,
         finally:
             ks.stop()
             fsim.cleanup()
+    if podman_runs:
+        psim = Sim(simhost.build(os.path.join(base, "podman"), nvfs=4), base)
+        try:
+            phase_podman(psim, podman_runs, fig)
+            fig.vfs_leaked += leaked(psim)
+        finally:
+            psim.cleanup()
     fig.seconds = time.monotonic() - t0
     return fig
 
@@ -328,6 +418,9 @@ def report(fig: Figures) -> str:
             ("hostile inputs", fig.hostile_inputs),
             ("... each rejected, one line, no state change", fig.hostile_rejected),
             ("invariant checks", fig.invariant_checks),
+            ("podman runs (runc and crun) that failed in random ways", fig.podman_runs),
+            ("... of which the create failed (no poststop ran)", fig.podman_failed_creates),
+            ("... VFs leaked after them (no gc run)", fig.podman_vfs_leaked),
             ("VFs leaked", fig.vfs_leaked),
             ("double reservations", fig.double_reservations),
             ("problems", len(fig.problems)),
@@ -349,13 +442,15 @@ def main() -> int:
     for p in fig.problems[:20]:
         print("PROBLEM:", p)
     ok = not fig.problems and fig.vfs_leaked == 0 and fig.double_reservations == 0 \
+        and fig.podman_vfs_leaked == 0 \
         and fig.fault_points == fig.fault_points_recovered \
         and fig.hostile_inputs == fig.hostile_rejected
     with open(args.out, "w") as fh:
         fh.write("# Stress figures\n\nProduced by `make stress` (`python -m tests.stress`) on the "
                  f"simulated SR-IOV host: {args.containers} containers against "
                  f"{args.containers // 2} VFs, then {args.cycles} random start/stop/kill cycles, "
-                 "every crash point in every mode, and the hostile corpus. Machine: "
+                 "every crash point in every mode, the hostile corpus, and podman (on runc "
+                 "and crun) containers failing in random ways with no gc. Machine: "
                  f"{os.cpu_count()} cores.\n\n{table}\n\nCrash points recovered:\n\n"
                  + "\n".join(f"- `{d}`" for d in fig.fault_details) + "\n\n"
                  + ("Result: **pass**\n" if ok else "Result: **FAIL**\n"))

@@ -237,12 +237,20 @@ def test_poststop_when_vf_renamed_inside(sim: Sim) -> None:
     sim.assert_clean()
 
 
-def test_prestart_twice_for_same_container_is_refused(sim: Sim) -> None:
+def test_prestart_twice_for_the_same_container_applies_nothing_twice(sim: Sim) -> None:
+    # A hook that finished its work but died before answering is run again
+    # (the thin client falls back in-process): the same container, the same
+    # netns: its VF is in place, nothing is applied twice.
     ns = sim.netns()
     assert sim.prestart("dup", sim.bundle("fast", ns)).rc == 0
     r = sim.prestart("dup", sim.bundle("fast", ns))
-    one_line_error(r, "already holds")
-    assert len(sim.records()) == 1
+    assert r.rc == 0, r.stderr
+    assert len(sim.records()) == 1 and link_info("net1", ns) is not None
+    assert "attached by an earlier run" in open(sim.host.log_file).read()
+    # The same id for another, live container (another netns) is refused.
+    other = sim.netns()
+    one_line_error(sim.prestart("dup", sim.bundle("fast", other)), "still running")
+    assert len(sim.records()) == 1 and link_info("net1", ns) is not None
     assert sim.poststop("dup").rc == 0
     sim.assert_clean()
 
@@ -308,13 +316,18 @@ def test_create_runtime_alias_and_console_script(sim: Sim) -> None:
 
 
 def test_unknown_command_and_usage(sim: Sim) -> None:
-    before = nsfs_mounts()
+    # Only this sim's pins: other tests may pin and unpin meanwhile.
+    pins = os.path.join(sim.host.state_dir, "netns")
+
+    def ours() -> list:
+        return [m for m in nsfs_mounts() if m.startswith(pins)]
+    before = ours()
     one_line_error(sim.hook("explode"), "unknown command")
     one_line_error(sim.hook("status", "--bogus"), "unexpected argument")
     one_line_error(sim.hook("prestart", "--vf", "0000:10:10.0", state={}), "--vf needs --pool")
     r = sim.hook("--help")
     assert r.rc == 0 and "usage: sriov-hook" in r.stdout
-    assert nsfs_mounts() == before and sim.records() == []
+    assert ours() == before and sim.records() == []
 
 
 def test_setup_checks_before_touching_sriov_numvfs(sim: Sim) -> None:
@@ -333,4 +346,21 @@ def test_setup_checks_before_touching_sriov_numvfs(sim: Sim) -> None:
     one_line_error(sim.hook("setup"), "is reserved; release it before changing the VF count")
     assert open(numvfs).read().strip() == "4"
     assert sim.poststop("s").rc == 0
+    sim.assert_clean()
+
+
+def test_a_vf_that_routes_point_at_is_in_use_and_skipped(sim: Sim) -> None:
+    """dpdk-devbind.py's "active": routes name the netdev (no address needed)."""
+    vf0 = sim.vfs[0]
+    subprocess.run(["ip", "link", "set", vf0.ifname, "up"], check=True)
+    subprocess.run(["ip", "route", "add", "198.51.100.0/24", "dev", vf0.ifname], check=True)
+    try:
+        r = sim.prestart("busy", sim.bundle("fast", sim.netns()))
+        assert r.rc == 0, r.stderr
+        assert sim.records() == [f"{sim.vfs[1].bdf}.json"]
+        assert "routes point at it" in open(sim.host.log_file).read()
+        assert sim.poststop("busy").rc == 0
+    finally:
+        subprocess.run(["ip", "route", "del", "198.51.100.0/24", "dev", vf0.ifname])
+        subprocess.run(["ip", "link", "set", vf0.ifname, "down"])
     sim.assert_clean()

@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.root, pytest.mark.podman,
               pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")]
 
 HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
-# This sandbox's podman needs explicit ulimits.
-PODMAN_RUN = ["podman", "run", "--rm", "--network", "none",
+# This sandbox's podman needs explicit ulimits; and once crun is installed
+# podman picks it by default, which refuses this host's hybrid cgroups
+# outside a private mount namespace (tests/containers.py podman_crun).
+PODMAN_RUN = ["podman", "run", "--rm", "--network", "none", "--runtime", "runc",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 

@@ -180,6 +180,7 @@ def test_kata_sandbox_refcount(vsim: Tuple[Sim, KernelSim]) -> None:
     sim, _ = vsim
     ns = sim.netns()
     extra: Any = {"annotations": {"sriov-hook.io/networks": "kata",
+                                  "io.container.manager": "cri-o",   # CRI-O made it
                                   "io.kubernetes.cri-o.SandboxID": "pod1"}}
     b1 = sim.bundle(None, ns, extra)
     assert sim.prestart("ctr-a", b1).rc == 0
