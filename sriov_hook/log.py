@@ -8,12 +8,32 @@ container start and we need none of its machinery.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 import time
 from typing import Optional, TextIO
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# Root appends container-controlled text here: not readable by everyone, and
+# never through a symlink someone planted (O_NOFOLLOW), nor into a FIFO
+# (O_NONBLOCK, then a regular-file check) that would hang the hook.
+LOG_MODE = 0o640
+_LOG_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+              | os.O_CLOEXEC)
+
+
+def open_log(path: str) -> TextIO:
+    """Open ``path`` for appending, 0640; OSError if a symlink or not a file."""
+    fd = os.open(path, _LOG_FLAGS, LOG_MODE)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    if st.st_mode & ~LOG_MODE & 0o777 and st.st_uid == os.geteuid():
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & LOG_MODE)   # a 0644 log from before
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 class StepLog:
@@ -33,11 +53,12 @@ class StepLog:
         if self._fh is None and self.path and not self._failed:
             try:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                self._fh = open(self.path, "a", encoding="utf-8")
+                self._fh = open_log(self.path)
             except OSError as err:
                 # Logging must never fail a container start.
                 self._failed = True
-                print(f"sriov-hook: warning: cannot open log {self.path}: {err.strerror}",
+                why = "it is a symlink" if err.errno == errno.ELOOP else err.strerror
+                print(f"sriov-hook: warning: cannot open log {self.path}: {why}",
                       file=sys.stderr)
         return self._fh
 
