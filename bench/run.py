@@ -10,6 +10,8 @@ in the same run, since absolute times on these machines drift:
   scale       prestart with 8 VFs vs 1,024 VFs (4 PFs x 256) in the pool
   concurrency 64 prestarts at once against 64 VFs: total wall
   memory      peak RSS of one invocation
+  agent       hooks through the node agent vs the Go host-device CNI plugin, and
+              the in-process hook vs its import floor, interleaved (bench/agent.py)
 
 Writes bench/results.json and, with the 'bench' extra (matplotlib), a PNG.
 """
@@ -30,12 +32,14 @@ from typing import Any, Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import agent as agent_bench  # noqa: E402
 from tests import simhost  # noqa: E402
 from tests.conftest import Sim  # noqa: E402
 from tests.kernelsim import KernelSim  # noqa: E402
 
 PY = sys.executable
 HOOK = [PY, "-m", "sriov_hook"]
+HOOK_SCRIPT = os.path.join(os.path.dirname(PY), "sriov-hook")   # what runtimes run
 FLOOR_SH = os.path.join(ROOT, "bench", "iproute2_floor.sh")
 
 
@@ -191,8 +195,20 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--agent-runs", type=int, default=100)
+    ap.add_argument("--agent-only", action="store_true", help="only the agent's figures")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
     args = ap.parse_args()
+    if args.agent_only:
+        with tempfile.TemporaryDirectory(prefix=f"sriov-bench-{uuid.uuid4().hex[:6]}-") as base:
+            fig = agent_bench.measure(base, args.agent_runs, Run, HOOK_SCRIPT, PY, ROOT)
+        if fig is None:
+            return 1
+        print("\n".join(agent_bench.render(fig)))
+        for t in agent_bench.targets(fig):
+            print(f"  [{'MET ' if t['met'] else 'MISS'}] {t['target']}: {t['value']} "
+                  f"(limit {t['limit']} {t['unit']})")
+        return 0
     res: Dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                                        "kernel": platform.release()},
                            "runs": args.runs, "when": time.strftime("%Y-%m-%d %H:%M")}
@@ -214,6 +230,7 @@ def main() -> int:
         res["modes"] = modes(base, max(10, args.runs // 3))
         res["scale"] = scale(base, max(10, args.runs // 2))
         res["concurrency"] = concurrency(base, args.concurrency)
+        res["agent"] = agent_bench.measure(base, args.agent_runs, Run, HOOK_SCRIPT, PY, ROOT)
         res["floor_concurrency"] = floor_concurrency(args.concurrency)
     res["lab_dpdk"] = lab_figures()
     res["targets"] = targets(res)
@@ -247,6 +264,8 @@ def targets(res: Dict[str, Any]) -> List[Dict[str, Any]]:
     add("prestart p50 at 1024 VFs / at 8 VFs", sc["1024 VFs"]["p50"] / sc["8 VFs"]["p50"], 1.2)
     add("64 concurrent prestarts: wall / (64 x CPU / cores)", res["concurrency"]["ratio"], 1.3)
     add("peak RSS per invocation (MB)", res["memory_kb"]["prestart_max_rss"] / 1024, 50, "MB")
+    if res.get("agent"):
+        t += agent_bench.targets(res["agent"])
     lab = res.get("lab_dpdk")
     if lab:
         t.append({"target": "lab: dpdk-devbind.py time / sriov-dpdk time (bind+unbind)",
@@ -291,7 +310,10 @@ def render(res: Dict[str, Any]) -> str:
               f"(n x CPU / cores) = {res['floor_concurrency']['ratio']:.2f}; CPU per process "
               f"{res['floor_concurrency']['cpu_one'] * ms:.0f} ms alone, "
               f"{res['floor_concurrency']['cpu_per_proc_concurrent'] * ms:.0f} ms when crowded",
-              "", "targets:"]
+              ]
+    if res.get("agent"):
+        lines += agent_bench.render(res["agent"])
+    lines += ["", "targets:"]
     for t in res["targets"]:
         mark = {True: "MET ", False: "MISS", None: "n/a "}[t["met"]]
         val = "-" if t["value"] is None else t["value"]

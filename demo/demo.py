@@ -2,6 +2,9 @@
 """make demo: two busybox containers under runc, each handed a VF by sriov-hook,
 ping each other through the simulated NIC's embedded switch.
 
+``--agent`` (make demo-agent): the same through the node agent, whose metrics
+are then read with curl.
+
 The simulated SR-IOV host (fake PCI sysfs + veth VFs on a bridge) is the
 test fixture from tests/simhost.py; the hook, runc and the netns are real.
 Everything made here is removed at the end, even on failure.
@@ -35,14 +38,36 @@ def show(cmd: list) -> subprocess.CompletedProcess:
     return proc
 
 
+def start_agent(host: simhost.SimHost, uid: str) -> "tuple[subprocess.Popen, str]":
+    """Point the config at a private agent socket and metrics port; start the agent."""
+    import socket as socketmod
+    with socketmod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics = f"127.0.0.1:{s.getsockname()[1]}"
+    simhost.write_config(host, extra={"agent_socket": f"/run/sriov-demo-{uid}/agent.sock",
+                                      "metrics_address": metrics})
+    step("Starting the node agent: sriov-hook agent (foreground; systemd runs it as a service)")
+    print(f"$ {HOOK} --config {host.config} agent &", flush=True)
+    proc = subprocess.Popen([HOOK, "--config", host.config, "agent"])
+    import time
+    for _ in range(200):
+        if os.path.exists(f"/run/sriov-demo-{uid}/agent.sock"):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc, metrics
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (netns, veth, runc)", file=sys.stderr)
         return 1
+    with_agent = "--agent" in sys.argv[1:]
     uid = uuid.uuid4().hex[:6]
     work = tempfile.mkdtemp(prefix=f"sriov-demo-{uid}-")
     runc = Runc(f"/run/sriov-demo-runc-{uid}")
     host = None
+    agent: "subprocess.Popen | None" = None
     ok = False
     try:
         step("Building a simulated SR-IOV NIC: 1 PF, 4 VFs, a bridge as its embedded switch")
@@ -50,6 +75,8 @@ def main() -> int:
         nic = host.nics[0]
         print(f"PF {nic.pf} ({nic.pf_bdf}), switch {nic.bridge}, VFs: "
               + ", ".join(f"{v.ifname} ({v.bdf})" for v in nic.vfs))
+        if with_agent:
+            agent, metrics = start_agent(host, uid)
         print(f"config: {host.config}")
         print(open(host.config).read())
         cfg = ["--config", host.config]
@@ -95,14 +122,22 @@ def main() -> int:
         with open(host.log_file) as fh:
             lines = [ln for ln in fh if " INFO " in ln]
         sys.stdout.write("".join(lines[-14:]))
+        if agent is not None:
+            step(f"The hooks above ran in the agent (pid={agent.pid}); its metrics, with curl")
+            show(["sh", "-c", f"curl -s http://{metrics}/metrics | grep '^sriov_hook_' "
+                              "| grep -v '_bucket{'"])
+            show([HOOK, *cfg, "status"])
         ok = True
         return 0
     finally:
         step("Cleaning up")
+        if agent is not None:
+            agent.terminate()
+            agent.wait()
         runc.cleanup()
         if host is not None:
             simhost.teardown(host)
-        subprocess.run(["rm", "-rf", work])
+        subprocess.run(["rm", "-rf", work, f"/run/sriov-demo-{uid}"])
         print("demo " + ("PASSED" if ok else "FAILED"))
 
 

@@ -1,5 +1,6 @@
+"""``python -m sriov_hook``: the thin client first; it loads the full CLI only to run in-process."""
 import sys
 
-from .cli import main
+from .client import main
 
 sys.exit(main())
