@@ -26,6 +26,7 @@ def csim(make_sim: Callable[..., Sim]) -> Iterator[Tuple[Sim, KernelSim, str]]:
     simhost.write_config(sim.host, pools=[
         {"name": pool, "mode": "vfio", "pfs": [f"{sim.host.nics[0].pf}#0-1"]}])
     ks = KernelSim(simhost.fake_sysfs(sim.host), sim.host.dev_dir)
+    os.makedirs(CDI_DIR, exist_ok=True)   # cdi --output FILE.json needs its directory
     spec = os.path.join(CDI_DIR, f"sriov-hook-{pool}.json")
     yield sim, ks, pool
     if os.path.exists(spec):
