@@ -14,18 +14,27 @@ from .errors import ConfigError, UnknownPool
 from .pci import PfSelector, parse_selector
 
 DEFAULT_PATH = "/etc/sriov-hook/config.yaml"
+DEFAULT_AGENT_SOCKET = "/run/sriov-hook/agent.sock"
+# Kubernetes (sriov_hook/k8s/): the kubelet's directories and the CDI spec directory.
+DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+DEFAULT_CDI_DIR = "/var/run/cdi"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9808"
 MODES = ("netdev", "vfio", "kata", "dpdk")
 LINK_STATES = ("auto", "enable", "disable")
 # Fields a container may override, if the pool's ``allow`` lists them.
 OVERRIDABLE = ("mac", "vlan", "qos", "mtu", "spoofchk", "trust", "rate", "link_state")
 DEFAULT_ALLOW = ("mac", "mtu")
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_K8S_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")   # a DNS-1123 label
 _TOP_KEYS = {"sysfs_root", "state_dir", "log_file", "log_level", "lock_timeout",
              "device_timeout", "pools", "vfio_dev_dir", "allow_noiommu", "cgroup_root",
-             "hugepages_root", "numvfs"}
+             "hugepages_root", "numvfs", "agent_socket", "metrics_address", "udev_dir",
+             "device_plugin", "device_plugin_dir", "pod_resources_socket", "cdi_dir",
+             "cdi_hook_path"}
 _POOL_KEYS = {"name", "pfs", "mode", "vlan", "qos", "mtu", "spoofchk", "trust",
               "min_tx_rate", "max_tx_rate", "link_state", "allow", "vlans",
-              "max_per_container", "driver", "hugepages", "hugepage_size"}
+              "max_per_container", "driver", "hugepages", "hugepage_size", "namespaces"}
 USERSPACE_DRIVERS = ("vfio-pci", "uio_pci_generic", "igb_uio")
 _SIZE = re.compile(r"^(\d+)\s*([KMG])$", re.I)
 
@@ -60,6 +69,9 @@ class Pool:
     driver: str = "vfio-pci"            # dpdk mode: the userspace driver
     hugepages_kb: int = 0               # dpdk mode: memory to have reserved per VF
     hugepage_kb: int = 2048             # dpdk mode: page size
+    # Kubernetes namespaces whose pods may use the pool; None = anyone. Read
+    # only from a key the CRI runtime sets itself (oci.Container.k8s_namespace).
+    namespaces: Optional[FrozenSet[str]] = None
 
     def vlan_allowed(self, vlan: int) -> bool:
         return self.vlans is None or any(lo <= vlan <= hi for lo, hi in self.vlans)
@@ -78,7 +90,19 @@ class Config:
     allow_noiommu: bool = False
     cgroup_root: str = "/sys/fs/cgroup"
     hugepages_root: Optional[str] = None   # default: sysfs_root
+    # udev's runtime dir: after a VF's driver is reloaded, wait for udev to
+    # record (and maybe rename) the new netdev before touching it. "" = no udev.
+    udev_dir: str = "/run/udev"
     numvfs: Dict[str, int] = field(default_factory=dict)   # PF -> VFs for 'sriov-hook setup'
+    agent_socket: str = DEFAULT_AGENT_SOCKET   # where 'sriov-hook agent' listens (client.py too)
+    metrics_address: str = DEFAULT_METRICS_ADDRESS   # host:port for Prometheus; "" = off
+    device_plugin: bool = False   # the agent serves the kubelet device plugin API (k8s/)
+    device_plugin_dir: str = DEFAULT_DEVICE_PLUGIN_DIR
+    pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
+    cdi_dir: str = DEFAULT_CDI_DIR   # where the per-VF CDI specs go
+    # The sriov-hook command the CDI specs have the runtime run, as the host sees it;
+    # "": the one beside the agent's interpreter, else /usr/local/bin/sriov-hook.
+    cdi_hook_path: str = ""
     pools: Dict[str, Pool] = field(default_factory=dict)
 
     def pool(self, name: str) -> Pool:
@@ -193,12 +217,22 @@ def _build(raw: Any, path: str) -> Config:
         raise c.fail(sorted(map(str, unknown))[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
     kw: Dict[str, Any] = {"path": path}
     for key in ("sysfs_root", "state_dir", "log_file", "vfio_dev_dir", "cgroup_root",
-                "hugepages_root"):
+                "hugepages_root", "agent_socket", "device_plugin_dir", "pod_resources_socket",
+                "cdi_dir", "cdi_hook_path"):
         if key in raw and raw[key] is not None:
             val = raw[key]
             if not isinstance(val, str) or not os.path.isabs(val):
                 raise c.fail(key, "must be an absolute path")
             kw[key] = os.path.normpath(val)
+    if "udev_dir" in raw:
+        val = raw["udev_dir"]
+        if val != "" and (not isinstance(val, str) or not os.path.isabs(val)):
+            raise c.fail("udev_dir", 'must be an absolute path, or "" when the host runs no udev')
+        kw["udev_dir"] = os.path.normpath(val) if val else ""
+    if "metrics_address" in raw:
+        kw["metrics_address"] = _address(c, raw["metrics_address"])
+    if "device_plugin" in raw:
+        kw["device_plugin"] = _bool(c, "device_plugin", raw["device_plugin"])
     if "allow_noiommu" in raw:
         if not isinstance(raw["allow_noiommu"], bool):
             raise c.fail("allow_noiommu", "must be true or false")
@@ -239,6 +273,16 @@ def _build(raw: Any, path: str) -> Config:
     _check_overlaps(c, pools)
     kw["pools"] = pools
     return Config(**kw)
+
+
+def _address(c: _Ctx, val: Any) -> str:
+    """``host:port`` (``[v6]:port`` too) for the metrics endpoint; empty or null = off."""
+    if val is None or val == "":
+        return ""
+    host, _, port = str(val).rpartition(":") if isinstance(val, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(ch.isspace() for ch in host):
+        raise c.fail("metrics_address", "must be host:port (e.g. 127.0.0.1:9808), or empty for off")
+    return str(val)
 
 
 def _int_in(c: _Ctx, key: str, val: Any, lo: int, hi: int) -> int:
@@ -306,8 +350,20 @@ def _pool(c: _Ctx, key: str, p: Any) -> Pool:
     for k, field_name in (("hugepages", "hugepages_kb"), ("hugepage_size", "hugepage_kb")):
         if k in p:
             extra[field_name] = _size_kb(c, f"{key}.{k}", p[k])
+    if "namespaces" in p:
+        extra["namespaces"] = _namespaces(c, f"{key}.namespaces", p["namespaces"])
     return Pool(name=name, mode=mode, pfs=tuple(pfs), defaults=VfSettings(**d), mtu=mtu,
                 allow=frozenset(allow), vlans=vlans, max_per_container=maxn, **extra)
+
+
+def _namespaces(c: _Ctx, key: str, val: Any) -> FrozenSet[str]:
+    if not isinstance(val, list) or not val or len(val) > 1024:
+        raise c.fail(key, "must be a non-empty list of Kubernetes namespaces")
+    for item in val:
+        if not isinstance(item, str) or not _K8S_NAMESPACE.match(item):
+            raise c.fail(key, f"{str(item)[:70]!r} is not a Kubernetes namespace "
+                              "(a DNS-1123 label: a-z, 0-9, '-', at most 63)")
+    return frozenset(val)
 
 
 def _size_kb(c: _Ctx, key: str, val: Any) -> int:
