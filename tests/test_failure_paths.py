@@ -296,3 +296,81 @@ def test_forget_a_vf_that_is_gone_for_good(make_sim: Callable[..., Sim]) -> None
             assert r.rc == 0 and "nothing to do" in r.stdout
         finally:
             _hide_vf(sim, 0, False)
+
+
+# -- hostile images, on every engine ----------------------------------------------------------
+@pytest.mark.parametrize("layout", ["run-to-etc", "run-to-host-dir"])
+@pytest.mark.parametrize("kind", ["crun", "podman-runc", "podman-crun"])
+def test_hostile_image_gets_nothing_outside_its_rootfs(make_sim: Callable[..., Sim],
+                                                       tmp_path: Any, kind: str,
+                                                       layout: str) -> None:
+    """An image whose /run is a symlink (to /etc, or to a host directory): dpdk
+    mode's file in /run/sriov-hook is refused, nothing is written outside the
+    rootfs, and the VF comes back. (runc: tests/test_dpdk.py, more layouts.)"""
+    from tests import standin
+    from tests.kernelsim import KernelSim
+    sim = make_sim(nvfs=2)
+    simhost.write_config(sim.host, pools=[
+        {"name": "dp", "mode": "dpdk", "pfs": [sim.host.nics[0].pf], "hugepages": "4M"}])
+    ks = KernelSim(simhost.fake_sysfs(sim.host), sim.host.dev_dir)
+    host = f"/tmp/sriov-host-{uuid.uuid4().hex[:8]}"   # a host path, as an attacker would aim
+    os.makedirs(host)
+    tag = f"localhost/sriov-hostile:{uuid.uuid4().hex[:8]}"
+    rootfs = standin.busybox_tree(str(tmp_path / "rootfs"))
+    standin.plant(rootfs, standin.LAYOUTS[layout], host)
+    eng = Engine(kind, sim, str(tmp_path), tag)
+    try:
+        with open(os.path.join(host, "keep"), "w") as fh:
+            fh.write("host data\n")
+        before, etc_before = standin.snapshot(host), standin.snapshot(os.path.join(rootfs, "etc"))
+        if kind.startswith("podman"):
+            tar = str(tmp_path / "hostile.tar")
+            subprocess.run(["tar", "-C", rootfs, "-cf", tar, "."], check=True)
+            subprocess.run(["podman", "import", tar, tag], check=True, capture_output=True)
+            out = eng.run('[{"pool":"dp"}]', ["cat", "/run/sriov-hook/net1.json"])
+        else:
+            hooks = {"prestart": [hook_entry(HOOK, sim.config, "prestart")],
+                     "poststop": [hook_entry(HOOK, sim.config, "poststop")]}
+            bundle = runc_bundle(str(tmp_path / "b"), ["cat", "/run/sriov-hook/net1.json"],
+                                 {"sriov-hook.io/networks": '[{"pool":"dp"}]'}, hooks)
+            path = os.path.join(bundle, "config.json")
+            with open(path) as fh:
+                spec = json.load(fh)
+            spec["root"] = {"path": rootfs, "readonly": False}
+            with open(path, "w") as fh:
+                json.dump(spec, fh)
+            out = eng.runc.run(f"hx{uuid.uuid4().hex[:8]}", bundle)
+        assert out.returncode != 0, out.stdout
+        # Either the hook refuses, or (podman's /run mount under crun) the
+        # runtime already refuses to resolve the link, before any hook runs.
+        assert "/run in the container is a symlink" in eng.reason(out) or \
+            "openat2 `run`" in out.stderr, out.stderr
+        assert standin.snapshot(host) == before
+        assert not os.path.exists("/etc/sriov-hook")
+        assert standin.snapshot(os.path.join(rootfs, "etc")) == etc_before
+        sim.assert_clean()   # the hook's own rollback gave the VF back: no poststop needed
+    finally:
+        eng.cleanup()
+        ks.stop()
+        if kind.startswith("podman"):
+            subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+        shutil.rmtree(host, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", ["podman-runc", "podman-crun"])
+def test_retry_of_the_same_container_name_under_podman(make_sim: Callable[..., Sim],
+                                                        image: str, tmp_path: Any,  # noqa: F811
+                                                        kind: str) -> None:
+    """podman gives a retry a new id under the same name; what the failed
+    create left (no poststop ran) must not stand in its way."""
+    sim = make_sim(nvfs=1)
+    eng = Engine(kind, sim, str(tmp_path), image)
+    name = f"rt{uuid.uuid4().hex[:8]}"
+    try:
+        assert eng.run("fast", ["/no/such/entrypoint"], name=name).returncode != 0
+        eng.stop(name)
+        out = eng.run("fast", ["cat", "/sys/class/net/net1/address"], name=name)
+        assert out.returncode == 0, out.stderr + eng.log()[-2000:]
+    finally:
+        eng.cleanup()
+    sim.assert_clean()
