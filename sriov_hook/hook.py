@@ -238,12 +238,18 @@ def reserve(ctx: Ctx, pool: Pool, req: NetworkRequest, container: Container,
                 busy += 1
             elif got:
                 skipped.append(f"{cand.bdf}: {got}")
-        outcomes = [reclaim_status(ctx, bdf, "needed by " + container.id) for bdf in taken]
-        if any(o in ("free", "released") for o in outcomes):
+        # Nothing free: one stale record reclaimed is enough. A VF another hook
+        # is attaching or releasing right now may be free in a moment: wait
+        # for it (bounded) before calling the pool exhausted.
+        freed = False
+        for bdf in taken:
+            outcome = reclaim_status(ctx, bdf, "needed by " + container.id)
+            if outcome in ("free", "released"):
+                freed = True
+                break
+            busy += outcome == "busy"
+        if freed:
             continue
-        # A VF another hook is attaching or releasing right now may be free in
-        # a moment: wait for it (bounded) before calling the pool exhausted.
-        busy += outcomes.count("busy")
         if busy == 0:
             raise _exhausted(pool, req, seen, skipped)
         if time.monotonic() >= deadline:

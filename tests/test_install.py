@@ -23,6 +23,7 @@ from sriov_hook.log import StepLog
 from tests import simhost
 from tests.conftest import ROOT, HookResult, Sim
 from tests.installing import Installed, installed, wheelhouse  # noqa: F401  (fixtures)
+from tests.test_podman import render_hooks
 
 pytestmark = pytest.mark.root
 
@@ -193,19 +194,8 @@ def test_uninstall_with_nothing_installed_says_so(tmp_path: Any) -> None:
 
 # -- check: one line per problem -------------------------------------------------------
 def hooks_dir(tmp: str, config: str, hook: str = HOOK) -> str:
-    """hooks.d/ rendered for this venv's hook and the test config."""
-    d = os.path.join(tmp, f"hooks-{uuid.uuid4().hex[:6]}")
-    os.makedirs(d)
-    for src in glob.glob(os.path.join(ROOT, "hooks.d", "*.json")):
-        with open(src) as fh:
-            spec = json.load(fh)
-        spec["hook"]["path"] = hook
-        spec["hook"]["env"] = [e for e in spec["hook"]["env"]
-                               if not e.startswith("SRIOV_HOOK_CONFIG=")] + \
-            [f"SRIOV_HOOK_CONFIG={config}"]
-        with open(os.path.join(d, os.path.basename(src)), "w") as fh:
-            json.dump(spec, fh)
-    return d
+    """hooks.d/ rendered for ``hook`` (this venv's) and the test config."""
+    return render_hooks(os.path.join(tmp, f"hooks-{uuid.uuid4().hex[:6]}"), config, hook)
 
 
 def edit_hook_file(d: str, name: str, change: Callable[[Dict[str, Any]], None]) -> None:

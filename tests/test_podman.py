@@ -26,13 +26,13 @@ PODMAN_RUN = ["podman", "run", "--rm", "--network", "none", "--runtime", "runc",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 
-def render_hooks(dest: str, config: str) -> str:
-    """Copy hooks.d/, pointing at this venv's hook and the test config."""
+def render_hooks(dest: str, config: str, hook: str = HOOK) -> str:
+    """Copy hooks.d/, pointing at ``hook`` (this venv's) and the test config."""
     os.makedirs(dest)
     for src in glob.glob(os.path.join(ROOT, "hooks.d", "*.json")):
         with open(src) as fh:
             spec = json.load(fh)
-        spec["hook"]["path"] = HOOK
+        spec["hook"]["path"] = hook
         spec["hook"]["env"] = [e for e in spec["hook"]["env"]
                                if not e.startswith("SRIOV_HOOK_CONFIG=")]
         spec["hook"]["env"].append(f"SRIOV_HOOK_CONFIG={config}")
