@@ -8,6 +8,7 @@ containers (tests/test_k8s_e2e.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,22 +58,33 @@ def k8s_setup(sim: Sim, agents: Agents, pools: Any = None, cdi_dir: Optional[str
     return K8s(sim, agents, kubelet, cdi_dir)
 
 
-@pytest.fixture
-def k8s(make_sim: Callable[..., Sim]) -> Iterator[K8s]:
-    sim = make_sim(nvfs=3, npfs=2)
+@contextlib.contextmanager
+def k8s_running(sim: Sim, before_start: Callable[[], None] = lambda: None) -> Iterator[K8s]:
+    """The kubelet peer and an agent serving the device plugin for ``sim``;
+    ``before_start`` shapes the host before the agent looks at it."""
     agents = Agents(sim)
     env = None
     try:
         env = k8s_setup(sim, agents)
-        for vf in sim.host.nics[1].vfs:
-            set_numa(sim, vf.bdf, 1)
-        set_numa(sim, sim.host.nics[1].vfs[2].bdf, -1)
+        before_start()
         agents.start()
         yield env
     finally:
         if env is not None:
             env.kubelet.close()
         agents.cleanup()
+
+
+@pytest.fixture
+def k8s(make_sim: Callable[..., Sim]) -> Iterator[K8s]:
+    sim = make_sim(nvfs=3, npfs=2)
+
+    def two_numa_nodes() -> None:
+        for vf in sim.host.nics[1].vfs:
+            set_numa(sim, vf.bdf, 1)
+        set_numa(sim, sim.host.nics[1].vfs[2].bdf, -1)
+    with k8s_running(sim, two_numa_nodes) as env:
+        yield env
 
 
 def test_registers_every_pool_and_lists_one_device_per_vf(k8s: K8s) -> None:

@@ -23,7 +23,7 @@ from tests.conftest import Sim, netns_process
 from tests.containers import Runc, runc_bundle
 from tests.kernelsim import VFIO_MAJOR, KernelSim
 from tests.test_agent import Agents, in_process, state, wait_until
-from tests.test_k8s import K8s, k8s_setup
+from tests.test_k8s import K8s, k8s_running, k8s_setup
 from tests.test_podman import PODMAN_RUN, image  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.root, pytest.mark.agent, pytest.mark.k8s]
@@ -32,17 +32,8 @@ ANNOTATION = "sriov-hook.io/networks"
 
 @pytest.fixture
 def e2e(make_sim: Callable[..., Sim], tmp_path: Any) -> Iterator[K8s]:
-    sim = make_sim(nvfs=3)
-    agents = Agents(sim)
-    env = None
-    try:
-        env = k8s_setup(sim, agents)
-        agents.start()
+    with k8s_running(make_sim(nvfs=3)) as env:
         yield env
-    finally:
-        if env is not None:
-            env.kubelet.close()
-        agents.cleanup()
 
 
 @pytest.fixture
