@@ -3,9 +3,12 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PKGS := runc crun busybox-static podman iproute2 util-linux python3-venv dpdk containerd docker.io
+DEB_PKGS := runc crun busybox-static podman iproute2 util-linux python3-venv dpdk containerd docker.io gcc libc6-dev
 STAMP_DEB := $(VENV)/.deb-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
+STAMP_NATIVE := $(VENV)/.native-stamp
+CC := cc
+NATIVE_CFLAGS := -O2 -Wall -Wextra -Werror -std=gnu11
 PYTEST_ARGS ?=
 
 WHEELHOUSE := build/wheelhouse
@@ -19,7 +22,8 @@ all: test
 
 # Debian packages: runc and busybox for containers, podman for the hooks.d
 # test, containerd and docker.io for the runtime wrapper's tests (private
-# daemons, started by the tests), iproute2 for the simulated host.
+# daemons, started by the tests), iproute2 for the simulated host, gcc for
+# the compiled hook client (native/).
 # Installed only if missing.
 $(STAMP_DEB): Makefile
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
@@ -37,7 +41,15 @@ $(STAMP_PIP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	@touch $@
 
-deps: $(STAMP_DEB) $(STAMP_PIP)
+# The venv's sriov-hook becomes the compiled thin client (native/sriov-hook.c):
+# what runtimes start, in the tests as on hosts. It runs the Python beside it
+# whenever the agent cannot answer; bin/sriov-hook stays the portable client.
+$(STAMP_NATIVE): native/sriov-hook.c $(STAMP_PIP) $(STAMP_DEB)
+	$(CC) $(NATIVE_CFLAGS) -o $(BIN)/sriov-hook.tmp native/sriov-hook.c
+	mv -f $(BIN)/sriov-hook.tmp $(BIN)/sriov-hook
+	@touch $@
+
+deps: $(STAMP_DEB) $(STAMP_PIP) $(STAMP_NATIVE)
 venv: $(STAMP_PIP)
 
 # The whole suite, then the SR-IOV lab when this machine can run it

@@ -11,7 +11,7 @@ in the same run, since absolute times on these machines drift:
   concurrency 64 prestarts at once against 64 VFs: total wall
   memory      peak RSS of one invocation
   agent       hooks through the node agent vs the Go host-device CNI plugin, and
-              the in-process hook vs its import floor, interleaved (bench/agent.py)
+              the in-process hook vs an interpreter start, interleaved (bench/agent.py)
 
 Writes bench/results.json and, with the 'bench' extra (matplotlib), a PNG.
 """

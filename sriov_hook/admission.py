@@ -1,7 +1,7 @@
 """Admission control: at most one hook per CPU does the heavy part at once.
 
-A pod burst starts dozens of hooks together. Unthrottled, they all import
-pyroute2 and talk netlink on the same few cores, and each burns far more CPU
+A pod burst starts dozens of hooks together. Unthrottled, they all start
+Python, import the hook and talk netlink on the same few cores, and each burns far more CPU
 than it does alone (cache and scheduler thrash: 180 ms instead of 113 ms at
 64-way on 2 cores). Waiting on an flock costs nothing, so each hook takes
 one of N slots (N = usable CPUs + 1 by default) right after Python starts and

@@ -54,6 +54,7 @@ class Ctx:
         return self._host_fd
 
     def close(self) -> None:
+        self.store.close()
         if self._host is not None and not self._reuse_host:
             self._host.close()
         self._host = None

@@ -225,7 +225,21 @@ def executable_problems(path: Any) -> List[str]:
     if interp is not None and not os.access(interp, os.X_OK):
         out.append(f"{path}: its interpreter {interp} does not exist "
                    "(copied without its venv?)")
+    if interp is None and _is_elf(path):
+        # The compiled client (native/) runs the hook with the Python beside its real path.
+        beside = os.path.join(os.path.dirname(os.path.realpath(path)), "python")
+        if not os.access(beside, os.X_OK):
+            out.append(f"{path}: the Python beside it ({beside}) does not exist, so hooks "
+                       "fail whenever the agent does not answer (copied without its venv?)")
     return out
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def _interpreter(path: str) -> Optional[str]:

@@ -1,9 +1,12 @@
-"""The only module that talks to pyroute2.
+"""The one boundary to rtnetlink: typed calls in, typed errors out.
 
-One thin, typed wrapper: ``Netlink`` is an rtnetlink socket bound to one
-network namespace. Kernel errors become typed errors here and nowhere else,
-and the few transient ones (EBUSY/EAGAIN from drivers that apply VF settings
-asynchronously) are retried a bounded number of times.
+``Netlink`` is an rtnetlink socket bound to one network namespace. Links,
+addresses, routes, moves and the PF's VF table go through rtnl.py's raw
+messages; writing VF settings goes through pyroute2, imported on the first
+such call (most hooks never make one). Kernel errors from either become
+typed errors here and nowhere else, and the few transient ones (EBUSY/EAGAIN
+from drivers that apply VF settings asynchronously) are retried a bounded
+number of times.
 
 A socket for another namespace is opened by ``setns``-ing this thread there,
 creating the socket, and ``setns``-ing back: a netlink socket stays bound to
@@ -14,23 +17,28 @@ the namespace it was created in. This avoids the fork pyroute2's own
 from __future__ import annotations
 
 import errno as _errno
+import ipaddress
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
 
+from . import rtnl
+from .errors import (DeviceBusy, InvalidArgument, LinkExists, LinkNotFound, NetlinkError,
+                     NotSupported, Refused)
+from .netns import enter_netns
 
 
 def _import_rtnl() -> "tuple[Any, Any]":
     """IPRoute and pyroute2's NetlinkError, without pyroute2's package __init__.
 
     ``pyroute2/__init__.py`` eagerly imports the whole library (NDB, IPDB,
-    conntrack, nftables, ...): ~115 ms and 6 MB that the hook never uses,
-    on the critical path of every container start. Its submodules import
-    each other by absolute name and need nothing from that __init__, so we
-    register a bare package module carrying pyroute2's real search path and
-    import only ``pyroute2.iproute.linux``. If pyroute2 is already imported,
-    or anything about this fails, we use the ordinary import.
+    conntrack, nftables, ...): ~115 ms and 6 MB that the hook never uses.
+    Its submodules import each other by absolute name and need nothing from
+    that __init__, so we register a bare package module carrying pyroute2's
+    real search path and import only ``pyroute2.iproute.linux``. If pyroute2
+    is already imported, or anything about this fails, we use the ordinary
+    import.
     """
     import sys
     if "pyroute2" not in sys.modules:
@@ -56,11 +64,20 @@ def _import_rtnl() -> "tuple[Any, Any]":
     return full_ipr, full_err
 
 
-IPRoute, _PyNetlinkError = _import_rtnl()
+# The kernel's refusals, as each path reports them; pyroute2's joins on import.
+_KERNEL_ERRORS: Tuple[Type[BaseException], ...] = (rtnl.RtnlError,)
+_PYROUTE2: Optional[Any] = None
 
-from .errors import (DeviceBusy, InvalidArgument, LinkExists, LinkNotFound, NetlinkError,
-                     NotSupported, Refused)
-from .netns import enter_netns
+
+def load_pyroute2() -> Any:
+    """pyroute2's IPRoute class, imported on first use (the agent imports it at start)."""
+    global _PYROUTE2, _KERNEL_ERRORS
+    if _PYROUTE2 is None:
+        ipr, err = _import_rtnl()
+        _KERNEL_ERRORS = (rtnl.RtnlError, err)
+        _PYROUTE2 = ipr
+    return _PYROUTE2
+
 
 IFF_UP = 0x1
 RTEXT_FILTER_VF = 1
@@ -68,6 +85,7 @@ RTEXT_FILTER_SKIP_STATS = 8
 LINK_STATES = {"auto": 0, "enable": 1, "disable": 2}
 LINK_STATE_NAMES = {v: k for k, v in LINK_STATES.items()}
 _TRANSIENT = (_errno.EBUSY, _errno.EAGAIN)
+_AF_INET, _AF_INET6 = 2, 10
 _RETRIES = 10
 _RETRY_DELAY = 0.05
 T = TypeVar("T")
@@ -106,7 +124,7 @@ class VfInfo:
                                           if k != "vf"})
 
 
-def _translate(err: Exception, what: str) -> NetlinkError:
+def _translate(err: BaseException, what: str) -> NetlinkError:
     code = getattr(err, "code", 0) or 0
     text = os.strerror(code) if code else str(err)
     msg = f"{what}: {text}"
@@ -130,11 +148,15 @@ class Netlink:
 
     def __init__(self, netns_fd: Optional[int] = None, label: str = "host") -> None:
         self.label = label
+        self._ipr_obj: Optional[Any] = None
         if netns_fd is None:
-            self._ipr = IPRoute()
-        else:
-            with enter_netns(netns_fd):
-                self._ipr = IPRoute()
+            self._rt = rtnl.Socket()
+            self._netns_fd: Optional[int] = None
+            return
+        with enter_netns(netns_fd):
+            self._rt = rtnl.Socket()
+        # pyroute2's socket (VF settings) is opened there later, if ever: keep the netns.
+        self._netns_fd = os.dup(netns_fd)
 
     def __enter__(self) -> "Netlink":
         return self
@@ -143,7 +165,25 @@ class Netlink:
         self.close()
 
     def close(self) -> None:
-        self._ipr.close()
+        self._rt.close()
+        if self._ipr_obj is not None:
+            self._ipr_obj.close()
+            self._ipr_obj = None
+        if self._netns_fd is not None:
+            os.close(self._netns_fd)
+            self._netns_fd = None
+
+    @property
+    def _ipr(self) -> Any:
+        """pyroute2's socket in the same namespace, opened on first use."""
+        if self._ipr_obj is None:
+            iproute = load_pyroute2()
+            if self._netns_fd is None:
+                self._ipr_obj = iproute()
+            else:
+                with enter_netns(self._netns_fd):
+                    self._ipr_obj = iproute()
+        return self._ipr_obj
 
     # -- plumbing ------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., T], *args: Any, retry: bool = False,
@@ -152,36 +192,40 @@ class Netlink:
         for attempt in range(attempts):
             try:
                 return fn(*args, **kwargs)
-            except _PyNetlinkError as err:
-                if retry and err.code in _TRANSIENT and attempt + 1 < attempts:
+            except _KERNEL_ERRORS as err:
+                code = getattr(err, "code", 0) or 0
+                if retry and code in _TRANSIENT and attempt + 1 < attempts:
                     time.sleep(_RETRY_DELAY)
                     continue
                 raise _translate(err, f"{what} (netns {self.label})") from None
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _link(msg: Any) -> Link:
-        return Link(index=msg["index"], name=msg.get_attr("IFLA_IFNAME"),
-                    mac=msg.get_attr("IFLA_ADDRESS"), mtu=msg.get_attr("IFLA_MTU") or 0,
-                    up=bool(msg["flags"] & IFF_UP),
-                    parent=msg.get_attr("IFLA_PARENT_DEV_NAME"))
+    def _link(msg: rtnl.LinkMsg) -> Link:
+        a = msg.attrs
+        mtu = a.get(rtnl.IFLA_MTU)
+        return Link(index=msg.index, name=rtnl.text(a.get(rtnl.IFLA_IFNAME)) or "",
+                    mac=rtnl.hwaddr(a.get(rtnl.IFLA_ADDRESS)),
+                    mtu=rtnl.u32_value(mtu) if mtu else 0,
+                    up=bool(msg.flags & IFF_UP),
+                    parent=rtnl.text(a.get(rtnl.IFLA_PARENT_DEV_NAME)))
 
     # -- links ---------------------------------------------------------------
     def link(self, name: str) -> Optional[Link]:
-        return self._get(f"get link {name}", ifname=name)
+        return self._get(f"get link {name}", name=name)
 
     def link_by_index(self, index: int) -> Optional[Link]:
         return self._get(f"get link #{index}", index=index)
 
     def _get(self, what: str, **query: Any) -> Optional[Link]:
         try:
-            msgs = self._call(what, self._ipr.link, "get", **query)
+            msg = self._call(what, self._rt.get_link, **query)
         except LinkNotFound:
             return None
-        return self._link(msgs[0])
+        return self._link(msg)
 
     def links(self) -> Iterator[Link]:
-        for msg in self._call("dump links", self._ipr.link, "dump"):
+        for msg in self._call("dump links", self._rt.dump_links):
             yield self._link(msg)
 
     def require(self, name: str) -> Link:
@@ -192,9 +236,14 @@ class Netlink:
 
     def set_link(self, index: int, **attrs: Any) -> None:
         """Set link attributes: any of ``address``, ``mtu``, ``state``, ``ifname``."""
+        unknown = set(attrs) - {"address", "mtu", "state", "ifname"}
+        if unknown:
+            raise TypeError(f"set_link: unknown attributes {sorted(unknown)}")
+        state = attrs.get("state")
         desc = ", ".join(f"{k}={v}" for k, v in attrs.items())
-        self._call(f"set link #{index} {desc}", self._ipr.link, "set", index=index,
-                   retry=True, **attrs)
+        self._call(f"set link #{index} {desc}", self._rt.set_link, index,
+                   up=None if state is None else state == "up", name=attrs.get("ifname"),
+                   mac=attrs.get("address"), mtu=attrs.get("mtu"), retry=True)
 
     def move(self, index: int, target_fd: int, ifname: str) -> None:
         """Move a link to another netns and rename it there in one request.
@@ -202,48 +251,50 @@ class Netlink:
         The kernel applies IFLA_IFNAME as the name in the target namespace, so
         the old name never clashes there (rtnetlink do_setlink).
         """
-        self._call(f"move link #{index} to netns as {ifname}", self._ipr.link, "set",
-                   index=index, net_ns_fd=target_fd, ifname=ifname)
+        self._call(f"move link #{index} to netns as {ifname}", self._rt.set_link, index,
+                   netns_fd=target_fd, name=ifname)
 
     # -- addresses and routes -------------------------------------------------
     def add_addr(self, index: int, address: str, prefixlen: int) -> None:
+        ip = ipaddress.ip_address(address)
+        family = _AF_INET6 if ip.version == 6 else _AF_INET
         try:
-            self._call(f"add address {address}/{prefixlen}", self._ipr.addr, "add",
-                       index=index, address=address, prefixlen=prefixlen)
+            self._call(f"add address {address}/{prefixlen}", self._rt.add_addr, index, family,
+                       ip.packed, prefixlen)
         except LinkExists:
             pass  # ensure(): already there is what we wanted
 
     def global_addrs(self, index: int) -> List[str]:
         out = []
-        for msg in self._call(f"dump addresses of #{index}", self._ipr.addr, "dump", index=index):
-            if msg["scope"] == 0:  # RT_SCOPE_UNIVERSE: not link-local or host
-                out.append(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+        for msg in self._call(f"dump addresses of #{index}", self._rt.dump_addrs, index):
+            addr = msg.attrs.get(rtnl.IFA_ADDRESS)
+            if msg.scope == 0 and addr is not None:  # RT_SCOPE_UNIVERSE: not link-local or host
+                out.append(f"{rtnl.ip_text(msg.family, addr)}/{msg.prefixlen}")
         return out
 
     def add_route(self, dst: str, oif: int, gateway: Optional[str] = None,
                   replace: bool = False) -> None:
         """Add a route; EEXIST (a route to ``dst`` exists) raises LinkExists
         unless ``replace`` says to take its place."""
-        kw: Dict[str, Any] = {"dst": dst, "oif": oif}
-        if gateway:
-            kw["gateway"] = gateway
+        net = ipaddress.ip_network(dst, strict=False)
+        family = _AF_INET6 if net.version == 6 else _AF_INET
+        via = ipaddress.ip_address(gateway).packed if gateway else None
         self._call(f"{'replace' if replace else 'add'} route {dst}"
                    + (f" via {gateway}" if gateway else ""),
-                   self._ipr.route, "replace" if replace else "add", **kw)
+                   self._rt.add_route, family, net.network_address.packed, net.prefixlen, oif,
+                   via, replace)
 
     # -- VFs, from the PF ---------------------------------------------------------
     def vf_info(self, pf_index: int, vf: int) -> Optional[VfInfo]:
         """The PF-side settings of VF ``vf``, or None if the PF reports no VFs."""
-        msg = self._call(f"get VF info of PF #{pf_index}", self._ipr.link, "get",
-                         index=pf_index, ext_mask=RTEXT_FILTER_VF | RTEXT_FILTER_SKIP_STATS)[0]
-        vflist = msg.get_attr("IFLA_VFINFO_LIST")
-        if vflist is None:
+        msg = self._call(f"get VF info of PF #{pf_index}", self._rt.get_link, index=pf_index,
+                         ext_mask=RTEXT_FILTER_VF | RTEXT_FILTER_SKIP_STATS)
+        table = rtnl.vf_table(msg)
+        if table is None:
             return None
-        for info in vflist.get_attrs("IFLA_VF_INFO"):
-            mac = info.get_attr("IFLA_VF_MAC")
-            if mac is None or mac["vf"] != vf:
-                continue
-            return _vfinfo(vf, info)
+        for info in table:
+            if rtnl.vf_number(info) == vf:
+                return _vfinfo(vf, info)
         return None
 
     def set_vf(self, pf_index: int, vf: int, **attrs: Any) -> None:
@@ -266,25 +317,23 @@ class Netlink:
                        index=pf_index, vf=spec, retry=True)
 
 
-def _vfinfo(vf: int, info: Any) -> VfInfo:
-    def field(nla: str, key: str) -> Any:
-        attr = info.get_attr(nla)
-        return None if attr is None else attr.get(key)
+def _vfinfo(vf: int, info: Dict[int, bytes]) -> VfInfo:
+    raw = rtnl.vf_fields(info)
 
-    mac = field("IFLA_VF_MAC", "mac")
-    spoof = field("IFLA_VF_SPOOFCHK", "spoofchk")
-    trust = field("IFLA_VF_TRUST", "trust")
-    state = field("IFLA_VF_LINK_STATE", "link_state")
-    # The kernel reports -1 (as u32) for "not supported by this driver".
+    def flag(key: str) -> Optional[bool]:
+        # The kernel reports -1 (as u32) for "not supported by this driver".
+        val = raw.get(key)
+        return None if val is None or val == rtnl.NOT_REPORTED else bool(val)
+
+    state = raw.get("link_state")
     return VfInfo(
         vf=vf,
-        mac=mac.lower() if isinstance(mac, str) else None,
-        vlan=field("IFLA_VF_VLAN", "vlan"),
-        qos=field("IFLA_VF_VLAN", "qos"),
-        spoofchk=None if spoof in (None, 0xFFFFFFFF) else bool(spoof),
-        trust=None if trust in (None, 0xFFFFFFFF) else bool(trust),
+        mac=rtnl.vf_mac(info),
+        vlan=raw.get("vlan"),
+        qos=raw.get("qos"),
+        spoofchk=flag("spoofchk"),
+        trust=flag("trust"),
         link_state=LINK_STATE_NAMES.get(state) if state is not None else None,
-        min_tx_rate=field("IFLA_VF_RATE", "min_tx_rate"),
-        max_tx_rate=field("IFLA_VF_RATE", "max_tx_rate"),
+        min_tx_rate=raw.get("min_tx_rate"),
+        max_tx_rate=raw.get("max_tx_rate"),
     )
-

@@ -37,11 +37,18 @@ class HookResult:
     stderr: str
 
 
+# The venv's sriov-hook: the compiled client (native/sriov-hook.c, built by make deps).
+NATIVE_HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
+NATIVE = "native"
+
+
 def run_hook(config: str, *args: str, state: Any = None, env: Optional[Dict[str, str]] = None,
              timeout: float = 60, module: str = "sriov_hook") -> HookResult:
-    """``module``: tests.pfmodel runs the hook with a PF driver model."""
+    """``module``: tests.pfmodel runs the hook with a PF driver model; NATIVE, the
+    compiled client (what runtimes start)."""
     data = state if isinstance(state, (bytes, type(None))) else json.dumps(state).encode()
-    proc = subprocess.run([sys.executable, "-m", module, "--config", config, *args],
+    cmd = [NATIVE_HOOK] if module == NATIVE else [sys.executable, "-m", module]
+    proc = subprocess.run([*cmd, "--config", config, *args],
                           input=data or b"", capture_output=True, timeout=timeout,
                           cwd=ROOT, env=env)
     return HookResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())

@@ -289,22 +289,27 @@ def _park(root: str, bdf: str, name: str) -> None:
 # -- the hook's side: the netlink boundary ------------------------------------------
 def install(path: str) -> None:
     """Route the simulated PF's VF calls through the model (in the hook process)."""
-    from sriov_hook import netlink
+    from sriov_hook import rtnl
     from sriov_hook.netlink import Netlink, VfInfo
+    IFLA_LINK, IFLA_LINK_NETNSID = 5, 37   # the veth peer, and whether it is in another netns
 
     model = PfModel(path)
     real_vf_info, real_set_vf, real_set_link = Netlink.vf_info, Netlink.set_vf, Netlink.set_link
 
     def fail(nl: Netlink, what: str, code: int) -> None:
         def kernel() -> None:
-            raise netlink._PyNetlinkError(code)
+            raise rtnl.RtnlError(code)
         nl._call(what, kernel)
 
     def vf_of_link(nl: Netlink, st: ModelState, index: int) -> Optional[int]:
         """Which VF of the model a link is, through its veth peer."""
-        msgs = nl._ipr.link("get", index=index)
-        peer_index = msgs[0].get_attr("IFLA_LINK") if msgs else None
-        if not peer_index or msgs[0].get_attr("IFLA_LINK_NETNSID") is not None:
+        try:
+            msg = nl._rt.get_link(index=index)
+        except rtnl.RtnlError:
+            return None
+        link_attr = msg.attrs.get(IFLA_LINK)
+        peer_index = rtnl.u32_value(link_attr) if link_attr else None
+        if not peer_index or IFLA_LINK_NETNSID in msg.attrs:
             return None
         peer = nl.link_by_index(peer_index)
         for key in st.vfs:

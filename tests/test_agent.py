@@ -25,11 +25,13 @@ import pytest
 from sriov_hook import client, faults
 from sriov_hook.agent.reclaim import GRACE
 from tests import simhost
-from tests.conftest import ROOT, HookResult, Sim, link_info, netns_process, run_hook
+from tests.conftest import NATIVE, ROOT, HookResult, Sim, link_info, netns_process, run_hook
 
 pytestmark = [pytest.mark.root, pytest.mark.agent]
 
 ADDR = json.dumps([{"pool": "fast", "ips": ["10.61.0.2/24"]}])
+# Both thin clients: the Python one (python -m sriov_hook) and the compiled one runtimes start.
+CLIENTS = pytest.mark.parametrize("client_kind", ["sriov_hook", NATIVE])
 WAIT = 30.0   # bound on waiting for something that happens in well under a second
 
 
@@ -139,7 +141,10 @@ def state(cid: str, bundle: str = "/nonexistent", pid: Optional[int] = None) -> 
 
 
 # -- serving ---------------------------------------------------------------------------
-def test_agent_serves_hooks_with_the_in_process_answers(sim: Sim, agents: Agents) -> None:
+@CLIENTS
+def test_agent_serves_hooks_with_the_in_process_answers(sim: Sim, agents: Agents,
+                                                        client_kind: str) -> None:
+    sim.module = client_kind
     agent = agents.start()
     ns = sim.netns()
     with netns_process() as ctr:   # a live owner: the reclaimer leaves its VF alone
@@ -222,7 +227,9 @@ def test_a_hung_hook_holds_up_only_its_own_vf(sim: Sim, agents: Agents) -> None:
 
 
 # -- falling back to in-process ----------------------------------------------------------
-def test_no_agent_means_in_process(sim: Sim, agents: Agents) -> None:
+@CLIENTS
+def test_no_agent_means_in_process(sim: Sim, agents: Agents, client_kind: str) -> None:
+    sim.module = client_kind
     ns = sim.netns()
     r = sim.prestart("n1", sim.bundle(ADDR, ns))          # no socket at all
     assert r.rc == 0, r.stderr
@@ -234,8 +241,10 @@ def test_no_agent_means_in_process(sim: Sim, agents: Agents) -> None:
     sim.assert_clean()
 
 
-def test_agent_of_another_config_refuses(make_sim: Callable[..., Sim]) -> None:
+@CLIENTS
+def test_agent_of_another_config_refuses(make_sim: Callable[..., Sim], client_kind: str) -> None:
     sim, other = make_sim(), make_sim()
+    other.module = client_kind
     agents = Agents(sim)
     try:
         agent = agents.start()
@@ -355,8 +364,11 @@ NETDEV_POINTS = list(faults.PRESTART + faults.RECORD + faults.POSTSTOP)
 
 
 @pytest.mark.slow
+@CLIENTS
 @pytest.mark.parametrize("point", NETDEV_POINTS)
-def test_agent_killed_mid_request_leaks_nothing(sim: Sim, agents: Agents, point: str) -> None:
+def test_agent_killed_mid_request_leaks_nothing(sim: Sim, agents: Agents, point: str,
+                                                client_kind: str) -> None:
+    sim.module = client_kind
     agent = agents.start(env={faults.ENV: point})
     prestart_point = point not in faults.POSTSTOP
     with netns_process() as ctr:

@@ -48,6 +48,10 @@ def test_installed_layout(installed: Installed) -> None:  # noqa: F811
     for name in ("sriov-hook", "sriov-dpdk", "sriov-hook-runtime"):
         assert os.path.realpath(installed.bin(name)) == os.path.join(release, "bin", name)
     assert installed.hook("--version").stdout.strip() == __version__
+    # The hook runtimes start is the compiled client; --version went through the
+    # release's own Python beside it.
+    with open(installed.bin("sriov-hook"), "rb") as fh:
+        assert fh.read(4) == b"\x7fELF"
     assert subprocess.run([installed.bin("sriov-dpdk"), "--help"],
                           capture_output=True).returncode == 0
     runc = subprocess.run(["runc", "--version"], capture_output=True, text=True).stdout
@@ -208,14 +212,17 @@ def edit_hook_file(d: str, name: str, change: Callable[[Dict[str, Any]], None]) 
 
 
 def copy_of_hook(tmp: str, mode: int, shebang: str = "") -> str:
+    """The venv's hook (the compiled client) copied alone; with ``shebang``, the
+    Python client (bin/sriov-hook) under that interpreter line."""
     path = os.path.join(tmp, f"hook-{uuid.uuid4().hex[:6]}", "sriov-hook")
     os.makedirs(os.path.dirname(path))
-    with open(HOOK) as fh:
-        text = fh.read()
     if shebang:
-        text = shebang + "\n" + text.split("\n", 1)[1]
-    with open(path, "w") as fh:
-        fh.write(text)
+        with open(os.path.join(ROOT, "bin", "sriov-hook")) as fh:
+            text = shebang + "\n" + fh.read().split("\n", 1)[1]
+        with open(path, "w") as fh:
+            fh.write(text)
+    else:
+        shutil.copyfile(HOOK, path)
     os.chmod(path, mode)
     return path
 
@@ -235,6 +242,10 @@ def _break_exec_bit(sim: Sim, d: str, tmp: str) -> None:
 def _break_interpreter(sim: Sim, d: str, tmp: str) -> None:
     copy = copy_of_hook(tmp, 0o755, shebang="#!/nonexistent/venv/bin/python")
     edit_hook_file(d, "50-sriov-hook-poststop.json", _set_path(copy))
+
+
+def _native_without_venv(sim: Sim, d: str, tmp: str) -> None:
+    edit_hook_file(d, "50-sriov-hook-poststop.json", _set_path(copy_of_hook(tmp, 0o755)))
 
 
 def _drop_poststop(sim: Sim, d: str, tmp: str) -> None:
@@ -271,6 +282,7 @@ BREAKAGES: Dict[str, Any] = {
     "hook not executable": (_break_exec_bit, ["is not executable"]),
     "hook's venv gone": (_break_interpreter,
                          ["its interpreter /nonexistent/venv/bin/python does not exist"]),
+    "compiled hook without its venv": (_native_without_venv, ["python) does not exist"]),
     "no poststop file": (_drop_poststop, ["no poststop file for sriov-hook"]),
     "args and stage differ": (_swap_stage, ["runs 'sriov-hook createRuntime' at stage poststop"]),
     "state_dir a symlink": (_state_symlink, ["is a symlink"]),
