@@ -44,12 +44,20 @@ $(STAMP_PIP): $(BIN)/python setup.cfg pyproject.toml
 # The venv's sriov-hook becomes the compiled thin client (native/sriov-hook.c):
 # what runtimes start, in the tests as on hosts. It runs the Python beside it
 # whenever the agent cannot answer; bin/sriov-hook stays the portable client.
-$(STAMP_NATIVE): native/sriov-hook.c $(STAMP_PIP) $(STAMP_DEB)
+# Every pip install of the project writes the Python client there again: each
+# one is followed by build_native.
+define build_native
 	$(CC) $(NATIVE_CFLAGS) -o $(BIN)/sriov-hook.tmp native/sriov-hook.c
 	mv -f $(BIN)/sriov-hook.tmp $(BIN)/sriov-hook
+endef
+
+$(STAMP_NATIVE): native/sriov-hook.c $(STAMP_PIP) $(STAMP_DEB)
+	$(build_native)
 	@touch $@
 
 deps: $(STAMP_DEB) $(STAMP_PIP) $(STAMP_NATIVE)
+	@head -c4 $(BIN)/sriov-hook | grep -q ELF || { echo "a pip install replaced the compiled client: building it again"; \
+	  $(CC) $(NATIVE_CFLAGS) -o $(BIN)/sriov-hook.tmp native/sriov-hook.c && mv -f $(BIN)/sriov-hook.tmp $(BIN)/sriov-hook; }
 venv: $(STAMP_PIP)
 
 # The whole suite, then the SR-IOV lab when this machine can run it
@@ -90,6 +98,7 @@ bench: deps
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[bench]'
+	$(build_native)
 	$(BIN)/python bench/run.py
 
 # Boot a QEMU guest with an emulated Intel 82576 (real SR-IOV) and run the
