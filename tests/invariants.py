@@ -16,9 +16,13 @@ from typing import Dict, Iterable, List, Optional
 from tests.conftest import Sim, addrs, link_info, nsfs_mounts
 
 
-def _driver(sim: Sim, bdf: str) -> Optional[str]:
+def vf_driver(sim: Sim, bdf: str) -> Optional[str]:
+    """The driver a device of the simulated host is bound to, or None."""
     link = os.path.join(sim.host.sysfs_root, "bus/pci/devices", bdf, "driver")
-    return os.path.basename(os.readlink(link)) if os.path.lexists(link) else None
+    try:
+        return os.path.basename(os.readlink(link))
+    except FileNotFoundError:   # unbound, maybe just now by the simulated kernel
+        return None
 
 
 def _override(sim: Sim, bdf: str) -> str:
@@ -80,8 +84,8 @@ def check(sim: Sim, live_owners: Optional[Iterable[str]] = None,
                 problems.append(f"{vf.bdf}: free but admin state changed")
             if addrs(vf.ifname):
                 problems.append(f"{vf.bdf}: free but has addresses")
-            if _driver(sim, vf.bdf) != natural:
-                problems.append(f"{vf.bdf}: free but on driver {_driver(sim, vf.bdf)}")
+            if vf_driver(sim, vf.bdf) != natural:
+                problems.append(f"{vf.bdf}: free but on driver {vf_driver(sim, vf.bdf)}")
             if _override(sim, vf.bdf) not in ("", "(null)"):
                 problems.append(f"{vf.bdf}: free but driver_override={_override(sim, vf.bdf)}")
             holders = seen_in.get(orig["address"], [])

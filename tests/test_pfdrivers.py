@@ -23,6 +23,7 @@ import pytest
 from sriov_hook import faults
 from tests import simhost
 from tests.conftest import Sim, link_info, nsfs_mounts
+from tests.invariants import vf_driver
 from tests.kernelsim import KernelSim
 from tests.pfmodel import DRIVERS, ENV, PfModel
 from tests.test_netdev import one_line_error
@@ -149,7 +150,7 @@ def test_kata_mode_after_the_runtime_took_the_vf(pf: PfSim) -> None:
                         ("bus/pci/drivers_probe", bdf)):
         with open(os.path.join(root, path), "w") as fh:
             fh.write(value)
-    assert wait_for(lambda: _driver(sim, bdf) == "vfio-pci")
+    assert wait_for(lambda: vf_driver(sim, bdf) == "vfio-pci")
     r = sim.poststop("k")
     assert r.rc == 0, r.stderr
     assert_restored(pf, before)
@@ -313,10 +314,10 @@ def test_netdev_that_never_comes_back_after_the_reload(igb: PfSim) -> None:
     drivers = os.path.join(sim.host.sysfs_root, "bus/pci")
     with open(os.path.join(drivers, "drivers/igbvf/unbind"), "w") as fh:
         fh.write(bdf)
-    assert wait_for(lambda: _driver(sim, bdf) is None)
+    assert wait_for(lambda: vf_driver(sim, bdf) is None)
     with open(os.path.join(drivers, "drivers_probe"), "w") as fh:
         fh.write(bdf)
-    assert wait_for(lambda: _driver(sim, bdf) == "igbvf")
+    assert wait_for(lambda: vf_driver(sim, bdf) == "igbvf")
     r = sim.hook("gc")
     assert r.rc == 0 and "released=1" in r.stdout, r.stdout + r.stderr
     assert_restored(igb, before)
@@ -336,11 +337,6 @@ def test_waits_for_udev_to_name_the_reloaded_netdev(make_sim: Callable[..., Sim]
         assert_restored(p, before)
     finally:
         p.ks.stop()
-
-
-def _driver(sim: Sim, bdf: str) -> Optional[str]:
-    link = os.path.join(sim.host.sysfs_root, "bus/pci/devices", bdf, "driver")
-    return os.path.basename(os.readlink(link)) if os.path.lexists(link) else None
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
