@@ -210,6 +210,7 @@ static void encode_request(struct buf *req, const char *config, int argc, char *
 
 enum { ASK_ANSWERED, ASK_NO_AGENT, ASK_TIMEOUT };
 
+/* 0 once ``fd`` is ready; ASK_TIMEOUT, or ASK_NO_AGENT on a poll error. */
 static int wait_for(int fd, short events) {
     struct pollfd p = {.fd = fd, .events = events};
     for (;;) {
@@ -239,8 +240,11 @@ static int ask(const char *path, const struct buf *req, struct buf *ans) {
     for (size_t sent = 0; sent < req->len;) {
         ssize_t n = send(fd, req->data + sent, req->len - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0 && errno == EAGAIN) {
-            if ((rc = wait_for(fd, POLLOUT)))
+            int waited = wait_for(fd, POLLOUT);
+            if (waited != 0) {
+                rc = waited;
                 goto out;
+            }
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -254,8 +258,11 @@ static int ask(const char *path, const struct buf *req, struct buf *ans) {
         char chunk[65536];
         ssize_t n = recv(fd, chunk, sizeof chunk, MSG_DONTWAIT);
         if (n < 0 && errno == EAGAIN) {
-            if ((rc = wait_for(fd, POLLIN)))
+            int waited = wait_for(fd, POLLIN);
+            if (waited != 0) {
+                rc = waited;
                 goto out;
+            }
             continue;
         }
         if (n < 0 && errno == EINTR)
