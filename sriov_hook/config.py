@@ -123,9 +123,10 @@ CACHE_DIR = "/run/sriov-hook/config-cache"
 def load(cli_path: Optional[str] = None, cache_dir: Optional[str] = CACHE_DIR) -> Config:
     """Load and validate the config.
 
-    PyYAML costs ~20 ms to import, a large share of an in-process hook. So the parsed document is cached as JSON under /run
-    (root-only), keyed by the file's device, inode, size and mtime; the
-    cached document is validated again on every load, exactly as fresh
+    PyYAML costs ~20 ms to import, a large share of an in-process hook.
+    So the parsed document is cached as JSON under /run (root-only), keyed
+    by the file's device, inode, size and mtime; the cached document is
+    validated again on every load, exactly as fresh
     YAML is, and only a document that validated is ever cached.
     """
     path = resolve_path(cli_path)

@@ -3,7 +3,8 @@
 ``str(err)`` is the one-line message the CLI prints after ``sriov-hook:``.
 errno values are turned into these classes at exactly two boundaries:
 ``sysfs`` (file-system reads and writes under sysfs_root) and ``netlink``
-(rtnl.py's raw messages, and pyroute2 for VF settings). ``netns`` (mount/setns syscalls) is a third, tiny one.
+(rtnl.py's raw messages, and pyroute2 for VF settings). ``netns``
+(mount/setns syscalls) is a third, tiny one.
 """
 from __future__ import annotations
 

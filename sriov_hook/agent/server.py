@@ -1,9 +1,10 @@
 """``sriov-hook agent``: serve hook requests on a unix socket.
 
 One long-lived process loads the config and the hook's modules once; the thin
-client (native/sriov-hook.c, or client.py) forwards each hook to it. Every request runs cli.run(), the very
-function the in-process hook runs, under the same per-VF flocks and records,
-so agent-served and in-process hooks may run side by side on one host.
+client (native/sriov-hook.c, or client.py) forwards each hook to it. Every
+request runs cli.run(), the very function the in-process hook runs, under the
+same per-VF flocks and records, so agent-served and in-process hooks may run
+side by side on one host.
 
 - Who may ask: the socket is 0600 in a 0700 directory, and each peer's uid is
   checked with SO_PEERCRED (root only); others get a one-line refusal.
