@@ -224,6 +224,16 @@ static int wait_for(int fd, short events) {
     }
 }
 
+/* After a send or recv that failed: 0 to try again (interrupted, or ready after
+ * a wait), else why ask() stops (a reset means the agent died). */
+static int again_or_stop(int fd, short events) {
+    if (errno == EINTR)
+        return 0;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return wait_for(fd, events);
+    return ASK_NO_AGENT;
+}
+
 /* The agent's raw answer into ``ans``. */
 static int ask(const char *path, const struct buf *req, struct buf *ans) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -239,39 +249,25 @@ static int ask(const char *path, const struct buf *req, struct buf *ans) {
         goto out;   /* absent, refused, not ours to open: run in-process */
     for (size_t sent = 0; sent < req->len;) {
         ssize_t n = send(fd, req->data + sent, req->len - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0 && errno == EAGAIN) {
-            int waited = wait_for(fd, POLLOUT);
-            if (waited != 0) {
-                rc = waited;
-                goto out;
-            }
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            goto out;   /* reset: the agent died */
-        sent += (size_t)n;
+        if (n >= 0)
+            sent += (size_t)n;
+        else if ((rc = again_or_stop(fd, POLLOUT)) != 0)
+            goto out;
     }
     shutdown(fd, SHUT_WR);
     for (;;) {
         char chunk[65536];
         ssize_t n = recv(fd, chunk, sizeof chunk, MSG_DONTWAIT);
-        if (n < 0 && errno == EAGAIN) {
-            int waited = wait_for(fd, POLLIN);
-            if (waited != 0) {
-                rc = waited;
-                goto out;
-            }
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 || ans->len + (size_t)n > MAX_ANSWER)
-            goto out;
         if (n == 0)
             break;
-        put(ans, chunk, (size_t)n);
+        if (n > 0 && ans->len + (size_t)n > MAX_ANSWER) {
+            rc = ASK_NO_AGENT;   /* no agent says that much: a broken one */
+            goto out;
+        }
+        if (n > 0)
+            put(ans, chunk, (size_t)n);
+        else if ((rc = again_or_stop(fd, POLLIN)) != 0)
+            goto out;
     }
     rc = ASK_ANSWERED;
 out:
