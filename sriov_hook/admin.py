@@ -16,7 +16,9 @@ from .reservations import ATTACHED, Reservation
 STALE_TMP_SECONDS = 60.0
 
 
-def status(ctx: Ctx) -> Dict[str, Any]:
+def status(ctx: Ctx, where: bool = True) -> Dict[str, Any]:
+    """A row per VF of every pool. ``where=False`` skips looking for each held VF
+    (a netlink socket in its owner's netns): the metrics need only the counts."""
     rows: List[Dict[str, Any]] = []
     seen = set()
     for pool in ctx.cfg.pools.values():
@@ -44,7 +46,7 @@ def status(ctx: Ctx) -> Dict[str, Any]:
                 "owner": res.owner if res else None,
                 "interface": res.ifname if res else None,
                 "phase": res.phase if res else None,
-                "where": _where(ctx, cand.bdf, res, driver),
+                "where": _where(ctx, cand.bdf, res, driver) if where else None,
             })
     return {"vfs": rows}
 
@@ -284,7 +286,6 @@ def stale_tmp(ctx: Ctx) -> List[str]:
 
 def check(ctx: Ctx) -> List[str]:
     """Everything inconsistent, described; changes nothing."""
-    from . import drivers
     problems: List[str] = []
     pins = set()
     for bdf, res, err in ctx.store.all():
@@ -317,21 +318,28 @@ def check(ctx: Ctx) -> List[str]:
     for key in _orphan_claims(ctx):
         problems.append(f"hugepage claim {key}: no record holds it; 'sriov-hook gc' gives "
                         f"its pages back")
-    for row in status(ctx)["vfs"]:
+    for row in status(ctx, where=False)["vfs"]:   # held VFs: _misplaced looked already
         if "error" in row:
             problems.append(f"pool {row['pool']}: {row['error']}")
             continue
-        if row["state"] != "free":
-            continue
-        pci, mode = row["pci"], row["mode"]
-        override = ctx.sysfs.driver_override(pci)
-        if override is not None:
-            problems.append(f"{pci}: free but driver_override is still {override!r}")
-        if mode in ("netdev", "kata") and row["driver"] in drivers.USERSPACE_DRIVERS:
-            problems.append(f"{pci}: free in {mode} pool {row['pool']} but bound to {row['driver']}")
-        elif mode in ("netdev", "kata") and row["netdev"] is None:
-            problems.append(f"{pci}: free in {mode} pool {row['pool']} but has no netdev on the host")
+        if row["state"] == "free":
+            problems += free_vf_problems(ctx, row)
     return problems
+
+
+def free_vf_problems(ctx: Ctx, row: Dict[str, Any]) -> List[str]:
+    """Why a free VF (a status() row) could not be handed out as its pool's mode needs."""
+    from . import drivers
+    pci, mode = row["pci"], row["mode"]
+    out = []
+    override = ctx.sysfs.driver_override(pci)
+    if override is not None:
+        out.append(f"{pci}: free but driver_override is still {override!r}")
+    if mode in ("netdev", "kata") and row["driver"] in drivers.USERSPACE_DRIVERS:
+        out.append(f"{pci}: free in {mode} pool {row['pool']} but bound to {row['driver']}")
+    elif mode in ("netdev", "kata") and row["netdev"] is None:
+        out.append(f"{pci}: free in {mode} pool {row['pool']} but has no netdev on the host")
+    return out
 
 
 def _misplaced(ctx: Ctx, res: Reservation, who: str) -> List[str]:

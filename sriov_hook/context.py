@@ -39,7 +39,7 @@ class Ctx:
     def host(self) -> "Netlink":
         """The runtime's (host) namespace socket, opened on first use."""
         if self._host is None:
-            from .netlink import Netlink  # pyroute2 is heavy: only when needed
+            from .netlink import Netlink  # only hooks that talk netlink import it
             kept: Optional["Netlink"] = getattr(_THREAD, "host", None) if self._reuse_host \
                 else None
             self._host = kept if kept is not None else Netlink(label="host")

@@ -18,7 +18,7 @@ import signal
 ENV = "SRIOV_HOOK_FAULT"
 PAUSE_ENV = "SRIOV_HOOK_PAUSE"
 
-# Keep in step with journal.KINDS (a test checks it).
+# The journal's step kinds (journal.KINDS is this tuple), in attach order.
 STEP_KINDS = ("vf_settings", "admin_mac", "reprobe", "netdev", "pin", "move",
               "driver_guard", "bind", "hugepages")
 PRESTART = ("record_written",) + tuple(f"{k}:{when}" for k in STEP_KINDS

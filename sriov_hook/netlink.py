@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as _errno
 import ipaddress
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, TypeVar
@@ -79,13 +80,9 @@ def load_pyroute2() -> Any:
     return _PYROUTE2
 
 
-IFF_UP = 0x1
-RTEXT_FILTER_VF = 1
-RTEXT_FILTER_SKIP_STATS = 8
 LINK_STATES = {"auto": 0, "enable": 1, "disable": 2}
 LINK_STATE_NAMES = {v: k for k, v in LINK_STATES.items()}
 _TRANSIENT = (_errno.EBUSY, _errno.EAGAIN)
-_AF_INET, _AF_INET6 = 2, 10
 _RETRIES = 10
 _RETRY_DELAY = 0.05
 T = TypeVar("T")
@@ -149,14 +146,12 @@ class Netlink:
     def __init__(self, netns_fd: Optional[int] = None, label: str = "host") -> None:
         self.label = label
         self._ipr_obj: Optional[Any] = None
+        self._host = netns_fd is None   # VF settings are written from the host only
         if netns_fd is None:
             self._rt = rtnl.Socket()
-            self._netns_fd: Optional[int] = None
-            return
-        with enter_netns(netns_fd):
-            self._rt = rtnl.Socket()
-        # pyroute2's socket (VF settings) is opened there later, if ever: keep the netns.
-        self._netns_fd = os.dup(netns_fd)
+        else:
+            with enter_netns(netns_fd):
+                self._rt = rtnl.Socket()
 
     def __enter__(self) -> "Netlink":
         return self
@@ -169,20 +164,14 @@ class Netlink:
         if self._ipr_obj is not None:
             self._ipr_obj.close()
             self._ipr_obj = None
-        if self._netns_fd is not None:
-            os.close(self._netns_fd)
-            self._netns_fd = None
 
     @property
     def _ipr(self) -> Any:
-        """pyroute2's socket in the same namespace, opened on first use."""
+        """pyroute2's socket (the host's: only set_vf uses it), opened on first use."""
+        if not self._host:
+            raise AssertionError(f"VF settings are written on the host, not in {self.label}")
         if self._ipr_obj is None:
-            iproute = load_pyroute2()
-            if self._netns_fd is None:
-                self._ipr_obj = iproute()
-            else:
-                with enter_netns(self._netns_fd):
-                    self._ipr_obj = iproute()
+            self._ipr_obj = load_pyroute2()()
         return self._ipr_obj
 
     # -- plumbing ------------------------------------------------------------
@@ -207,7 +196,7 @@ class Netlink:
         return Link(index=msg.index, name=rtnl.text(a.get(rtnl.IFLA_IFNAME)) or "",
                     mac=rtnl.hwaddr(a.get(rtnl.IFLA_ADDRESS)),
                     mtu=rtnl.u32_value(mtu) if mtu else 0,
-                    up=bool(msg.flags & IFF_UP),
+                    up=bool(msg.flags & rtnl.IFF_UP),
                     parent=rtnl.text(a.get(rtnl.IFLA_PARENT_DEV_NAME)))
 
     # -- links ---------------------------------------------------------------
@@ -257,7 +246,7 @@ class Netlink:
     # -- addresses and routes -------------------------------------------------
     def add_addr(self, index: int, address: str, prefixlen: int) -> None:
         ip = ipaddress.ip_address(address)
-        family = _AF_INET6 if ip.version == 6 else _AF_INET
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
             self._call(f"add address {address}/{prefixlen}", self._rt.add_addr, index, family,
                        ip.packed, prefixlen)
@@ -268,7 +257,7 @@ class Netlink:
         out = []
         for msg in self._call(f"dump addresses of #{index}", self._rt.dump_addrs, index):
             addr = msg.attrs.get(rtnl.IFA_ADDRESS)
-            if msg.scope == 0 and addr is not None:  # RT_SCOPE_UNIVERSE: not link-local or host
+            if msg.scope == rtnl.RT_SCOPE_UNIVERSE and addr is not None:  # not link-local or host
                 out.append(f"{rtnl.ip_text(msg.family, addr)}/{msg.prefixlen}")
         return out
 
@@ -277,7 +266,7 @@ class Netlink:
         """Add a route; EEXIST (a route to ``dst`` exists) raises LinkExists
         unless ``replace`` says to take its place."""
         net = ipaddress.ip_network(dst, strict=False)
-        family = _AF_INET6 if net.version == 6 else _AF_INET
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
         via = ipaddress.ip_address(gateway).packed if gateway else None
         self._call(f"{'replace' if replace else 'add'} route {dst}"
                    + (f" via {gateway}" if gateway else ""),
@@ -288,7 +277,7 @@ class Netlink:
     def vf_info(self, pf_index: int, vf: int) -> Optional[VfInfo]:
         """The PF-side settings of VF ``vf``, or None if the PF reports no VFs."""
         msg = self._call(f"get VF info of PF #{pf_index}", self._rt.get_link, index=pf_index,
-                         ext_mask=RTEXT_FILTER_VF | RTEXT_FILTER_SKIP_STATS)
+                         ext_mask=rtnl.RTEXT_FILTER_VF | rtnl.RTEXT_FILTER_SKIP_STATS)
         table = rtnl.vf_table(msg)
         if table is None:
             return None

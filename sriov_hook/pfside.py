@@ -99,18 +99,19 @@ def capture(ctx: "Ctx", cand: "Candidate", res: "Reservation", req: "NetworkRequ
     ``mac_on_netdev_ok``: without VF ops on the PF a MAC can still go on
     the VF's own netdev (modes that keep the netdev); other settings can't.
     """
-    orig = None
-    name = ctx.sysfs.netdev(cand.pf_bdf)
-    pf = ctx.host.link(name) if name is not None else None
-    if pf is not None:
-        orig = ctx.host.vf_info(pf.index, cand.index)
+    pf: Optional[Link]
+    try:
+        pf = pf_link(ctx, cand.pf_bdf)
+    except PfGone:
+        pf = None
+    orig = ctx.host.vf_info(pf.index, cand.index) if pf is not None else None
     res.orig_vf = orig.to_json() if orig is not None else None
     attrs = wanted(req.vf)
     if orig is None and mac_on_netdev_ok:
         attrs.pop("mac", None)
     if attrs and orig is None:
         names = ", ".join(sorted(attrs))
-        raise NotSupported(f"PF {name or cand.pf_bdf} reports no VF settings over netlink "
+        raise NotSupported(f"PF {pf.name if pf else cand.pf_bdf} reports no VF settings over netlink "
                            f"(not an SR-IOV PF driver?); cannot set {names} on VF {cand.index}")
 
 

@@ -37,8 +37,9 @@ class HookResult:
     stderr: str
 
 
-# The venv's sriov-hook: the compiled client (native/sriov-hook.c, built by make deps).
-NATIVE_HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
+# The venv's sriov-hook, what runtimes start: the compiled client (native/sriov-hook.c,
+# built by make deps).
+HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
 NATIVE = "native"
 
 
@@ -47,11 +48,20 @@ def run_hook(config: str, *args: str, state: Any = None, env: Optional[Dict[str,
     """``module``: tests.pfmodel runs the hook with a PF driver model; NATIVE, the
     compiled client (what runtimes start)."""
     data = state if isinstance(state, (bytes, type(None))) else json.dumps(state).encode()
-    cmd = [NATIVE_HOOK] if module == NATIVE else [sys.executable, "-m", module]
+    cmd = [HOOK] if module == NATIVE else [sys.executable, "-m", module]
     proc = subprocess.run([*cmd, "--config", config, *args],
                           input=data or b"", capture_output=True, timeout=timeout,
                           cwd=ROOT, env=env)
     return HookResult(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def imported_modules(cmd: List[str], data: bytes) -> List[str]:
+    """The modules a command imports, in order (``cmd`` runs ``python -X importtime``);
+    the command must succeed."""
+    proc = subprocess.run(cmd, input=data, capture_output=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return [line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
+            if line.startswith("import time:")][1:]   # [0] is the column header
 
 
 def link_info(name: str, netns: Optional[str] = None) -> Optional[Dict[str, Any]]:

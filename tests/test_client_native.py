@@ -21,12 +21,12 @@ from typing import Any, Iterator, List, Optional
 
 import pytest
 
-from sriov_hook import client
+from sriov_hook import __version__, client
 from tests import simhost
-from tests.conftest import NATIVE_HOOK, ROOT, Sim
+from tests.conftest import HOOK, ROOT, Sim
 
-pytestmark = pytest.mark.skipif(not os.path.exists(NATIVE_HOOK) or
-                                open(NATIVE_HOOK, "rb").read(4) != b"\x7fELF",
+pytestmark = pytest.mark.skipif(not os.path.exists(HOOK) or
+                                open(HOOK, "rb").read(4) != b"\x7fELF",
                                 reason="the compiled client is not built (make deps)")
 
 
@@ -87,7 +87,7 @@ def config_for(tmp_path: Any, sock: str, extra: str = "") -> str:
 
 def run(argv: List[str], data: bytes = b"", env: Optional[dict] = None,
         cwd: str = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([NATIVE_HOOK, *argv], input=data, capture_output=True, timeout=60,
+    return subprocess.run([HOOK, *argv], input=data, capture_output=True, timeout=60,
                           cwd=cwd, env={**os.environ, **(env or {})})
 
 
@@ -122,7 +122,8 @@ def test_answers_are_replayed_as_they_are(standin: StandIn, tmp_path: Any) -> No
 
 
 def in_process_marker(tmp_path: Any, sock: str) -> str:
-    """A config only the in-process CLI reads, and rejects: its error shows who ran."""
+    """A config only the in-process CLI reads, and rejects with a YAML error
+    ("config PATH: line N: ..."): that error shows who ran."""
     return config_for(tmp_path, sock, "pools: [unclosed\n")
 
 
@@ -137,7 +138,7 @@ def test_anything_but_an_answer_runs_in_process(standin: StandIn, tmp_path: Any,
     r = run(["--config", cfg, "prestart"], STATE)
     assert len(standin.requests) == 1    # the agent was asked first
     assert r.returncode != 0 and r.stdout == b""
-    assert r.stderr.startswith(b"sriov-hook: ") and b"config" in r.stderr, r.stderr
+    assert r.stderr.startswith(f"sriov-hook: config {cfg}: line ".encode()), r.stderr
     assert r.stderr.count(b"\n") == 1    # one line, no traceback
 
 
@@ -159,11 +160,11 @@ def test_no_agent_runs_in_process_with_the_same_state(sim: Sim, tmp_path: Any) -
 def test_other_commands_and_opt_out_never_ask_the_agent(standin: StandIn, tmp_path: Any) -> None:
     cfg = config_for(tmp_path, standin.path)
     r = run(["--version"])
-    assert r.returncode == 0 and r.stdout.strip() == b"0.1.0"
+    assert r.returncode == 0 and r.stdout.strip() == __version__.encode()
     assert run(["--config", cfg, "--help"]).stdout.startswith(b"usage: sriov-hook")
-    r = run(["--config", in_process_marker(tmp_path, standin.path), "poststop"], STATE,
-            env={client.ENV_NO_AGENT: "1"})
-    assert r.returncode != 0 and b"config" in r.stderr
+    marker = in_process_marker(tmp_path, standin.path)
+    r = run(["--config", marker, "poststop"], STATE, env={client.ENV_NO_AGENT: "1"})
+    assert r.returncode != 0 and r.stderr.startswith(f"sriov-hook: config {marker}: line ".encode())
     assert standin.requests == []
 
 
@@ -196,5 +197,5 @@ def test_the_bundle_directory_cannot_stand_in_for_the_hook(tmp_path: Any) -> Non
     (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (planted / "inprocess.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     r = run(["--version"], cwd=str(tmp_path), env={"PYTHONPATH": str(tmp_path)})
-    assert r.returncode == 0 and r.stdout.strip() == b"0.1.0", r.stderr
+    assert r.returncode == 0 and r.stdout.strip() == __version__.encode(), r.stderr
     assert not marker.exists()

@@ -12,12 +12,11 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from tests import simhost
-from tests.conftest import ROOT, Sim
+from tests.conftest import HOOK, ROOT, Sim
 from tests.containers import Runc, hook_entry, runc_bundle
 from tests.kernelsim import KernelSim
 
 pytestmark = pytest.mark.root
-HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
 
 
 def dpdk(sim: Sim, *args: str) -> subprocess.CompletedProcess:

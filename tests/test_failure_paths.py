@@ -12,14 +12,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
 from tests import simhost
-from tests.conftest import Sim, link_info, netns_process
+from tests.conftest import HOOK, Sim, link_info, netns_process
 from tests.containers import CRUN_WRAP, Runc, hook_entry, runc_bundle, shared_mount
 from tests.test_podman import annotation, image, render_hooks  # noqa: F401  (fixture)
 
@@ -27,7 +26,6 @@ pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.podman,
               pytest.mark.skipif(not all(shutil.which(b) for b in ("runc", "crun", "podman")),
                                  reason="needs runc, crun and podman")]
 
-HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
 ENGINES = ["runc", "crun", "podman-runc", "podman-crun"]
 PODMAN = ["podman", "run", "--rm", "--ulimit", "nofile=1024:1024", "--ulimit",
           "nproc=1024:1024"]

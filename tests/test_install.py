@@ -21,15 +21,12 @@ import pytest
 from sriov_hook import __version__
 from sriov_hook.log import StepLog
 from tests import simhost
-from tests.conftest import ROOT, HookResult, Sim
+from tests.conftest import HOOK, ROOT, HookResult, Sim
 from tests.installing import Installed, installed, wheelhouse  # noqa: F401  (fixtures)
-from tests.test_podman import render_hooks
+from tests.test_podman import PODMAN_RUN, render_hooks
 
 pytestmark = pytest.mark.root
 
-HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
-PODMAN_RUN = ["podman", "run", "--rm", "--network", "none", "--runtime", "runc",
-              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 
 def problems(r: HookResult) -> List[str]:

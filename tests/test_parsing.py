@@ -252,3 +252,11 @@ def test_config_cache_follows_edits_and_is_revalidated(tmp_path) -> None:  # typ
     cfg_path.write_text("pools: [{name: bb, pfs: [x], mode: nope}]\n")
     with pytest.raises(ConfigError):
         config.load(str(cfg_path), cache)
+
+
+def test_every_journal_step_has_an_undo() -> None:
+    """A step kind without an undo function would leave its change behind on release."""
+    from sriov_hook import hook, journal
+    assert set(hook._UNDO) == set(journal.KINDS)
+    for kind in journal.KINDS:
+        assert callable(hook._undo_fn(kind))

@@ -6,19 +6,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from typing import Iterator, List
 
 import pytest
 
-from tests.conftest import ROOT, Sim
+from tests.conftest import HOOK, ROOT, Sim
 from tests.containers import rootfs_tar
 
 pytestmark = [pytest.mark.root, pytest.mark.podman,
               pytest.mark.skipif(shutil.which("podman") is None, reason="podman not installed")]
 
-HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
 # This sandbox's podman needs explicit ulimits; and once crun is installed
 # podman picks it by default, which refuses this host's hybrid cgroups
 # outside a private mount namespace (tests/containers.py podman_crun).

@@ -18,7 +18,7 @@ import pytest
 from sriov_hook import rtnl
 from sriov_hook.errors import InvalidArgument, LinkExists, LinkNotFound
 from sriov_hook.netlink import Netlink, VfInfo, _vfinfo
-from tests.conftest import ROOT, Sim, netns_process
+from tests.conftest import Sim, imported_modules, netns_process
 
 pytestmark = pytest.mark.root
 
@@ -195,16 +195,9 @@ def test_a_vf_table_reads_back_as_pyroute2_encodes_it() -> None:
     assert rtnl.vf_table(rtnl.link_msg(rtnl.ifinfo(3))) is None   # no table: no VF ops
 
 
-def _imports(cmd: List[str], data: bytes) -> List[str]:
-    proc = subprocess.run(cmd, input=data, capture_output=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    return [line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
-            if line.startswith("import time:")]
-
-
 def test_an_in_process_hook_without_vf_settings_never_imports_pyroute2(sim: Sim) -> None:
     bundle = sim.bundle(json.dumps([{"pool": "fast", "ips": ["10.62.0.2/24"]}]))
-    run: Callable[[str], List[str]] = lambda stage: _imports(
+    run: Callable[[str], List[str]] = lambda stage: imported_modules(
         [sys.executable, "-X", "importtime", "-m", "sriov_hook.inprocess", "--config",
          sim.config, stage],
         json.dumps({"ociVersion": "1.0.2", "id": "r1", "status": stage, "bundle": bundle,

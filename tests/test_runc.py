@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import uuid
 from typing import Iterator
 
 import pytest
 
-from tests.conftest import Sim
+from tests.conftest import HOOK, Sim
 from tests.containers import Runc, hook_entry, runc_bundle
 
 pytestmark = [pytest.mark.root, pytest.mark.runc,
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")]
 
-HOOK = os.path.join(os.path.dirname(sys.executable), "sriov-hook")
 
 
 @pytest.fixture

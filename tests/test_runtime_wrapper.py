@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 
 from sriov_hook import runtime
-from tests.conftest import Sim
+from tests.conftest import HOOK, Sim
 from tests.containers import Runc, busybox_rootfs, hook_entry, rootfs_tar, runc_bundle
 from tests.engines import Containerd, Dockerd, oci_archive
 from tests.installing import Installed, installed, wheelhouse  # noqa: F401  (fixtures)
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.root
 
 VENV_BIN = os.path.dirname(sys.executable)
 WRAPPER = os.path.join(VENV_BIN, "sriov-hook-runtime")
-HOOK = os.path.join(VENV_BIN, "sriov-hook")
 IMAGE = "localhost/sriov-hook-test:1"
 ANN = "sriov-hook.io/networks"
 
@@ -303,9 +302,6 @@ def ctd(tmp_path_factory: Any) -> Iterator[Containerd]:
     finally:
         left = daemon.stop()
     assert left == []   # no shim, no mount outlived its container
-
-
-containerd_test = [pytest.mark.containerd, pytest.mark.slow]
 
 
 def ctr_run(ctd: Containerd, inst: Installed, cid: str, *args: str,

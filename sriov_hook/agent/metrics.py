@@ -96,20 +96,15 @@ def count_vfs(cfg: "Config") -> Tuple[List[str], List[Tuple[str, str]]]:
     """
     from .. import admin
     from ..context import Ctx
-    from ..drivers import USERSPACE_DRIVERS
     from ..log import StepLog
     ctx = Ctx(cfg, StepLog(None))
     try:
-        rows = admin.status(ctx)["vfs"]
         out = []
-        for row in rows:
+        for row in admin.status(ctx, where=False)["vfs"]:
             if "pci" not in row:
                 continue
-            state = row.get("state")
-            if state == "free" and (
-                    ctx.sysfs.driver_override(row["pci"]) is not None or
-                    (row.get("mode") in ("netdev", "kata") and
-                     (row.get("netdev") is None or row.get("driver") in USERSPACE_DRIVERS))):
+            state = row["state"]
+            if state == "free" and admin.free_vf_problems(ctx, row):
                 state = "unhealthy"
             out.append((row["pool"], state if state in ("free", "reserved") else "unhealthy"))
         return list(cfg.pools), out

@@ -135,9 +135,8 @@ class Reclaimer(threading.Thread):
         except OSError:
             return None
         # The pidfd pins this process; check it is the one the record names
-        # (pids are reused), as owners.pid_alive() does.
-        now = owners.start_time(pid)
-        if now is None or (started is not None and abs(now - started) >= 0.05):
+        # (pids are reused) and not already a zombie.
+        if not owners.pid_alive(pid, started):
             os.close(fd)
             return None
         return fd
